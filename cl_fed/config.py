@@ -1,0 +1,131 @@
+"""Run configuration: the one list of knobs and their defaults.
+
+The same keys (kebab-case) are Flower run-config keys (`flwr run . --run-config "seed=1"`), hydra
+overrides in `simulations/`, and flags of the single-site runner (`--seed 1`). The Flower app's
+`[tool.flwr.app.config]` in pyproject.toml mirrors DEFAULTS; a test keeps them equal.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+from cl_fed.schedule import Schedule, check_strategy, parse_schedule
+
+MERGE_MODES = ("product", "factors")
+EVALUATION_MODES = ("server", "federated")
+
+DEFAULTS: dict[str, object] = {
+    "scenario": "default",  # packaged scenario name or path to a scenario YAML
+    "model": "tiny-fastconformer-ctc",  # registry name, local model dir, or hub id (needs allow-download)
+    "allow-download": False,
+    "strategy": "centralization",  # centralization | fedavg | fedavg-lora | local
+    "merge": "product",  # product (exact mean of B_i A_i) | factors (mean B times mean A)
+    "centralize-every": "stage",  # round | stage | K (stages, through an adapter pool)
+    "rounds-per-stage": 2,
+    "local-epochs": 1,
+    "batch-size": 16,
+    "lr": 2e-3,  # LoRA learning rate
+    "full-lr": 5e-4,  # full fine-tuning learning rate (fedavg)
+    "lora-rank": 8,
+    "lora-alpha": 16,
+    "lora-dropout": 0.05,
+    "weighting": "examples",  # examples | uniform
+    "max-update-norm": 1000.0,  # reject an adapter factor whose Frobenius norm exceeds this
+    "evaluation": "server",  # server | federated
+    "round-timeout": 900,  # seconds a round waits for client replies
+    "fraction-train": 1.0,
+    "seed": 0,
+    "output-dir": "",  # "" = the project's runs/ directory
+    "run-name": "",  # "" = derived from scenario, strategy, schedule and seed
+    "resume": False,
+}
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    scenario: str
+    model: str
+    allow_download: bool
+    strategy: str
+    merge: str
+    centralize_every: str
+    rounds_per_stage: int
+    local_epochs: int
+    batch_size: int
+    lr: float
+    full_lr: float
+    lora_rank: int
+    lora_alpha: int
+    lora_dropout: float
+    weighting: str
+    max_update_norm: float
+    evaluation: str
+    round_timeout: int
+    fraction_train: float
+    seed: int
+    output_dir: str
+    run_name: str
+    resume: bool
+
+    def schedule(self, num_stages: int) -> Schedule:
+        return parse_schedule(self.centralize_every, num_stages)
+
+    def default_run_name(self) -> str:
+        from pathlib import Path
+
+        scenario = Path(self.scenario).stem
+        every = str(self.centralize_every)
+        schedule = "" if self.strategy != "centralization" else f"-every-{every}-{self.merge}"
+        return self.run_name or f"{scenario}-{self.strategy}{schedule}-seed{self.seed}"
+
+    def to_dict(self) -> dict:
+        return {f.name.replace("_", "-"): getattr(self, f.name) for f in fields(self)}
+
+
+def _coerce(key: str, value, default):
+    """Flower passes TOML-typed values; CLI and hydra may pass strings. Cast to the default's type."""
+    if key == "centralize-every":
+        return str(value)
+    try:
+        if isinstance(default, bool):
+            if isinstance(value, str):
+                if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                    raise ValueError
+                return value.lower() in ("true", "1", "yes")
+            return bool(value)
+        if isinstance(default, int):
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return int(value)
+        if isinstance(default, float):
+            return float(value)
+        return str(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"config key {key!r}: cannot read {value!r} as {type(default).__name__}") from None
+
+
+def make_config(overrides: dict | None = None, *, source: str = "run config") -> RunConfig:
+    """DEFAULTS updated by `overrides` (kebab- or snake-case keys), validated."""
+    values = dict(DEFAULTS)
+    for key, value in (overrides or {}).items():
+        key = key.replace("_", "-")
+        if key not in DEFAULTS:
+            raise ValueError(f"{source}: unknown key {key!r}; known keys: {', '.join(DEFAULTS)}")
+        values[key] = _coerce(key, value, DEFAULTS[key])
+    cfg = RunConfig(**{k.replace("-", "_"): v for k, v in values.items()})
+    check_strategy(cfg.strategy)
+    if cfg.merge not in MERGE_MODES:
+        raise ValueError(f"{source}: merge={cfg.merge!r}; choose one of {', '.join(MERGE_MODES)}")
+    if cfg.evaluation not in EVALUATION_MODES:
+        raise ValueError(f"{source}: evaluation={cfg.evaluation!r}; choose one of {', '.join(EVALUATION_MODES)}")
+    if cfg.weighting not in ("examples", "uniform"):
+        raise ValueError(f"{source}: weighting={cfg.weighting!r}; choose examples or uniform")
+    for key in ("rounds-per-stage", "local-epochs", "batch-size", "lora-rank"):
+        if values[key] < 1:
+            raise ValueError(f"{source}: {key}={values[key]!r} must be >= 1")
+    if not 0.0 < cfg.fraction_train <= 1.0:
+        raise ValueError(f"{source}: fraction-train={cfg.fraction_train!r} must be in (0, 1]")
+    every = str(cfg.centralize_every).strip().lower()
+    if every not in ("round", "stage"):  # the divisibility check needs the scenario: done in schedule()
+        parse_schedule(every, num_stages=max(1, int(every)) if every.isdigit() else 1)
+    return cfg

@@ -1,0 +1,180 @@
+"""The results format every runner writes (single-site runner, Flower ServerApp, sweeps).
+
+    <output-dir>/<run-name>/
+        results.json            config, strategy, schedule, stages, wer/cer matrices, metrics, rounds, ...
+        predictions/after-NN-<label>.jsonl   one row per test utterance of every evaluated test set
+        model/                  the final base (save_pretrained; load with cl_fed.models.load_model)
+        report.md               a human summary
+
+Row i of a matrix is the evaluation after training through stage i; column j is stage j's test
+set. `initial_wer` is the starting base on every stage's test set (row "before stage 0"), which
+forward transfer needs. Everything in results.json can be recomputed from the predictions.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cl_fed.io import atomic_write_json, atomic_write_text
+from cl_fed.metrics import cer, continual_metrics, wer
+
+FORMAT = "cl-fed-results/1"
+
+
+@dataclass
+class Evaluation:
+    """WER/CER of one model on every test set, with the predictions behind them."""
+
+    label: str  # "initial" or the stage just trained
+    wer: dict[str, float]  # test set name -> WER (%)
+    cer: dict[str, float]
+    predictions: list[dict]  # {"test_set", "id", "reference", "hypothesis"}
+
+
+def score_predictions(predictions: list[dict], test_sets: list[str]) -> tuple[dict, dict]:
+    """Per-test-set WER and CER from prediction rows (what the checks recompute)."""
+    wers, cers = {}, {}
+    for name in test_sets:
+        rows = [p for p in predictions if p["test_set"] == name]
+        if not rows:
+            raise ValueError(f"no predictions for test set {name!r}")
+        refs = [p["reference"] for p in rows]
+        hyps = [p["hypothesis"] for p in rows]
+        wers[name], cers[name] = wer(refs, hyps), cer(refs, hyps)
+    return wers, cers
+
+
+@dataclass
+class RunRecord:
+    """Everything a run accumulates; `write` turns it into the results format."""
+
+    run_name: str
+    strategy: str
+    schedule: dict
+    config: dict
+    stages: list[str]
+    initial: Evaluation | None = None
+    after_stage: list[Evaluation] = field(default_factory=list)
+    rounds: list[dict] = field(default_factory=list)
+    wall_seconds: float = 0.0
+
+    def matrix(self, kind: str) -> list[list[float]]:
+        return [[getattr(e, kind)[s] for s in self.stages] for e in self.after_stage]
+
+    def to_json(self) -> dict:
+        wer_matrix, cer_matrix = self.matrix("wer"), self.matrix("cer")
+        initial_wer = [self.initial.wer[s] for s in self.stages] if self.initial else None
+        complete = len(self.after_stage) == len(self.stages)
+        metrics = continual_metrics(wer_matrix, initial=initial_wer) if complete else None
+        extra = sorted({k for e in self.after_stage for k in e.wer} - set(self.stages))
+        return {
+            "format": FORMAT,
+            "run_name": self.run_name,
+            "strategy": self.strategy,
+            "schedule": self.schedule,
+            "config": self.config,
+            "stages": self.stages,
+            "complete": complete,
+            "wer_matrix": wer_matrix,
+            "cer_matrix": cer_matrix,
+            "initial_wer": initial_wer,
+            "initial_cer": [self.initial.cer[s] for s in self.stages] if self.initial else None,
+            # other test sets (e.g. the foundation domain): WER after each stage
+            "other_test_sets": {
+                k: {"wer": [e.wer.get(k) for e in self.after_stage], "cer": [e.cer.get(k) for e in self.after_stage]}
+                for k in extra
+            },
+            "metrics": metrics,
+            "rounds": self.rounds,
+            "bytes_up": sum(r.get("bytes_up", 0) for r in self.rounds),
+            "bytes_down": sum(r.get("bytes_down", 0) for r in self.rounds),
+            "wall_seconds": round(self.wall_seconds, 3),
+        }
+
+    def write(self, run_dir: str | Path) -> Path:
+        run_dir = Path(run_dir)
+        evaluations = ([self.initial] if self.initial else []) + self.after_stage
+        for index, evaluation in enumerate(evaluations):
+            name = f"after-{index:02d}-{evaluation.label}.jsonl"
+            lines = "".join(json.dumps(p, ensure_ascii=False) + "\n" for p in evaluation.predictions)
+            atomic_write_text(run_dir / "predictions" / name, lines)
+        data = self.to_json()
+        atomic_write_json(run_dir / "results.json", data)
+        atomic_write_text(run_dir / "report.md", render_report(data))
+        return run_dir / "results.json"
+
+
+def load_predictions(run_dir: str | Path) -> list[tuple[str, list[dict]]]:
+    """(label, rows) for every evaluation written, in order (initial first when present)."""
+    files = sorted((Path(run_dir) / "predictions").glob("after-*.jsonl"))
+    out = []
+    for path in files:
+        label = path.stem.split("-", 2)[2]
+        rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        out.append((label, rows))
+    return out
+
+
+def recompute_matrices(run_dir: str | Path) -> tuple[list[list[float]], list[list[float]]]:
+    """WER and CER matrices recomputed from the saved predictions alone."""
+    results = json.loads((Path(run_dir) / "results.json").read_text(encoding="utf-8"))
+    stages = results["stages"]
+    evaluations = load_predictions(run_dir)
+    if results.get("initial_wer") is not None:
+        evaluations = evaluations[1:]
+    wer_rows, cer_rows = [], []
+    for _, rows in evaluations:
+        w, c = score_predictions(rows, stages)
+        wer_rows.append([w[s] for s in stages])
+        cer_rows.append([c[s] for s in stages])
+    return wer_rows, cer_rows
+
+
+def _fmt(value, digits=1) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"
+
+
+def render_report(data: dict) -> str:
+    stages = data["stages"]
+    lines = [
+        f"# Run `{data['run_name']}`",
+        "",
+        f"Strategy **{data['strategy']}**, schedule `{json.dumps(data['schedule'])}`, "
+        f"wall time {data['wall_seconds']:.0f} s.",
+        "",
+        "## WER (%) matrix",
+        "",
+        "Row: after training through that stage. Column: that stage's test set.",
+        "",
+        "| after \\ test | " + " | ".join(stages) + " |",
+        "|---|" + "---|" * len(stages),
+    ]
+    if data.get("initial_wer"):
+        lines.append("| (initial base) | " + " | ".join(_fmt(v) for v in data["initial_wer"]) + " |")
+    for stage, row in zip(stages, data["wer_matrix"]):
+        lines.append(f"| {stage} | " + " | ".join(_fmt(v) for v in row) + " |")
+    m = data.get("metrics") or {}
+    lines += [
+        "",
+        "## Continual metrics",
+        "",
+        f"- AWER (mean WER after the last stage): {_fmt(m.get('awer'))}",
+        f"- BWT (negative = forgetting): {_fmt(m.get('bwt'))}",
+        f"- Forgetting (>= 0): {_fmt(m.get('forgetting'))}",
+        f"- FWT (positive = earlier stages helped unseen ones): {_fmt(m.get('fwt'))}",
+        f"- New-stage WER (mean of the diagonal): {_fmt(m.get('new_stage_wer'))}",
+    ]
+    for name, series in data.get("other_test_sets", {}).items():
+        lines.append(f"- {name} test set WER after each stage: " + ", ".join(_fmt(v) for v in series["wer"]))
+    dropped = sum(len(r.get("clients_dropped", [])) for r in data["rounds"])
+    lines += [
+        "",
+        "## Communication",
+        "",
+        f"- rounds: {len(data['rounds'])}, client updates dropped: {dropped}",
+        f"- bytes up: {data['bytes_up']:,}  bytes down: {data['bytes_down']:,}",
+        "",
+    ]
+    return "\n".join(lines)
