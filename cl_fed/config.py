@@ -26,9 +26,9 @@ DEFAULTS: dict[str, object] = {
     "batch-size": 16,
     "lr": 2e-3,  # LoRA learning rate
     "full-lr": 5e-4,  # full fine-tuning learning rate (fedavg)
-    "lora-rank": 8,
-    "lora-alpha": 16,
-    "lora-dropout": 0.05,
+    "lora-rank": 0,  # 0 = the model family's default (tiny: 8; Whisper: 32, as in the paper)
+    "lora-alpha": 0.0,  # 0 = the model family's default (tiny: 16; Whisper: 64)
+    "lora-dropout": -1.0,  # < 0 = the model family's default (0.05)
     "weighting": "examples",  # examples | uniform
     "max-update-norm": 1000.0,  # reject an adapter factor whose Frobenius norm exceeds this
     "evaluation": "server",  # server | federated
@@ -55,7 +55,7 @@ class RunConfig:
     lr: float
     full_lr: float
     lora_rank: int
-    lora_alpha: int
+    lora_alpha: float
     lora_dropout: float
     weighting: str
     max_update_norm: float
@@ -120,9 +120,12 @@ def make_config(overrides: dict | None = None, *, source: str = "run config") ->
         raise ValueError(f"{source}: evaluation={cfg.evaluation!r}; choose one of {', '.join(EVALUATION_MODES)}")
     if cfg.weighting not in ("examples", "uniform"):
         raise ValueError(f"{source}: weighting={cfg.weighting!r}; choose examples or uniform")
-    for key in ("rounds-per-stage", "local-epochs", "batch-size", "lora-rank"):
+    for key in ("rounds-per-stage", "local-epochs", "batch-size"):
         if values[key] < 1:
             raise ValueError(f"{source}: {key}={values[key]!r} must be >= 1")
+    for key in ("lora-rank", "lora-alpha"):
+        if values[key] < 0:
+            raise ValueError(f"{source}: {key}={values[key]!r} must be >= 1 (or 0 for the model's default)")
     if not 0.0 < cfg.fraction_train <= 1.0:
         raise ValueError(f"{source}: fraction-train={cfg.fraction_train!r} must be in (0, 1]")
     every = str(cfg.centralize_every).strip().lower()

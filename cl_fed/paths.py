@@ -3,17 +3,40 @@
 A source checkout keeps everything inside the project (`.cache/`, `runs/`), whichever directory a
 process (for example Flower's SuperLink) was started from. An installed copy falls back to the
 user's cache directory. `CL_FED_CACHE` and `CL_FED_RUNS` override both.
+
+Flower runs the apps from a copy of the app unpacked under FLWR_HOME, so "the project" is found
+through the editable install's record (`pip install -e .`), not through `__file__`.
 """
 
+import functools
+import json
 import os
+from importlib import metadata
 from pathlib import Path
+from urllib.parse import unquote, urlparse
 
-_PACKAGE_PARENT = Path(__file__).resolve().parents[1]
+
+@functools.cache
+def _editable_checkout() -> Path | None:
+    for dist in metadata.distributions(name="cl-fed"):
+        record = dist.read_text("direct_url.json")
+        if not record:
+            continue
+        info = json.loads(record)
+        if info.get("dir_info", {}).get("editable") and info.get("url", "").startswith("file://"):
+            path = Path(unquote(urlparse(info["url"]).path))
+            if (path / "pyproject.toml").is_file():
+                return path
+    return None
 
 
 def project_root() -> Path | None:
-    """The source checkout this package runs from, or None when installed as a wheel."""
-    return _PACKAGE_PARENT if (_PACKAGE_PARENT / "pyproject.toml").is_file() else None
+    """The source checkout cl-fed is installed from (editable), or the one this file lies in."""
+    checkout = _editable_checkout()
+    if checkout:
+        return checkout
+    here = Path(__file__).resolve().parents[1]
+    return here if (here / "pyproject.toml").is_file() and (here / ".git").exists() else None
 
 
 def cache_root() -> Path:

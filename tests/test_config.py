@@ -29,6 +29,7 @@ def test_overrides_are_typed_like_defaults():
         ({"colour": 1}, ["colour", "known keys"]),
         ({"seed": "x"}, ["seed", "'x'"]),
         ({"rounds-per-stage": 0}, ["rounds-per-stage", ">= 1"]),
+        ({"lora-rank": -2}, ["lora-rank", "-2"]),
         ({"centralize-every": "often"}, ["often", "round"]),
         ({"fraction-train": 1.5}, ["fraction-train"]),
     ],
