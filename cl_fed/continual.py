@@ -1,0 +1,114 @@
+"""Building blocks of the continual loop, shared by the single-site runner and the Flower apps.
+
+    data:      prepare_data(cfg)           scenario -> cached synthetic dataset -> StageStream
+    model:     starting_model(cfg, ...)    the cached foundation base (embedded model) or a named model
+    factorize: lora_spec, train_config     LoRA shape and local training settings from the run config
+    evaluate:  evaluate_all(speech, ...)   WER/CER on every test set -> results.Evaluation
+    identity:  state_checksum(state)       which base a site holds
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import torch
+
+from cl_fed.adapters import LoraSpec
+from cl_fed.config import RunConfig
+from cl_fed.data.scenario import Scenario, load_scenario
+from cl_fed.data.stream import StageStream
+from cl_fed.data.synth import generate
+from cl_fed.data.utterance import Utterance
+from cl_fed.evaluate import evaluate
+from cl_fed.models.base import SpeechModel
+from cl_fed.models.registry import build_model, load_model
+from cl_fed.models.tiny import NAME as TINY_NAME
+from cl_fed.results import Evaluation
+from cl_fed.train import TrainConfig
+
+MANIFEST_SUFFIXES = (".jsonl", ".json", ".csv")
+
+
+def prepare_data(cfg: RunConfig, progress: bool = True) -> tuple[Scenario | None, StageStream]:
+    """A scenario (generated once, cached) or a user manifest, as a site x stage stream."""
+    if Path(cfg.scenario).suffix.lower() in MANIFEST_SUFFIXES:
+        return None, StageStream.from_manifest(cfg.scenario)
+    scenario = load_scenario(cfg.scenario)
+    return scenario, StageStream.from_dataset_dir(generate(scenario, progress=progress))
+
+
+def starting_model(cfg: RunConfig, scenario: Scenario | None, progress: bool = True) -> SpeechModel:
+    """The base every site starts from: the embedded model pre-trained on the scenario's
+    foundation data (cached), or the model the user named."""
+    if cfg.model == TINY_NAME:
+        if scenario is None:
+            raise ValueError(
+                f"model={TINY_NAME!r} is pre-trained on a scenario's foundation data, but "
+                f"scenario={cfg.scenario!r} is a manifest; name a pretrained model (a local directory "
+                "or, with allow-download=true, a hub id)"
+            )
+        from cl_fed.models.foundation import foundation_base
+
+        return load_model(foundation_base(scenario, seed=cfg.seed, progress=progress))
+    return build_model(cfg.model, allow_download=cfg.allow_download, seed=cfg.seed)
+
+
+def lora_spec(cfg: RunConfig, speech: SpeechModel) -> LoraSpec:
+    """The run's LoRA shape; 0 / negative config values take the model family's defaults."""
+    return LoraSpec(
+        rank=cfg.lora_rank or speech.lora_rank,
+        alpha=cfg.lora_alpha or speech.lora_alpha,
+        dropout=cfg.lora_dropout if cfg.lora_dropout >= 0 else speech.lora_dropout,
+        target_modules=tuple(speech.lora_targets),
+    )
+
+
+def train_config(cfg: RunConfig, *, full: bool, seed: int, progress: bool = False) -> TrainConfig:
+    """Local training for one round: LoRA factors, or all weights for the fedavg baseline."""
+    return TrainConfig(
+        epochs=cfg.local_epochs,
+        batch_size=cfg.batch_size,
+        lr=cfg.full_lr if full else cfg.lr,
+        warmup_steps=5,
+        schedule="inverse_sqrt",
+        seed=seed,
+        progress=progress,
+    )
+
+
+def round_seed(cfg: RunConfig, stage: int, round_index: int) -> int:
+    """One seed per (run seed, stage, round): every site starts the round's adapter identically."""
+    return cfg.seed * 1_000_003 + stage * 1_009 + round_index
+
+
+def state_checksum(state: dict[str, torch.Tensor]) -> str:
+    """sha256 over names, dtypes, shapes and bytes: which exact base a site holds."""
+    digest = hashlib.sha256()
+    for key in sorted(state):
+        tensor = state[key].detach().cpu().contiguous().reshape(-1)
+        digest.update(f"{key}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()
+
+
+def test_sets(stream: StageStream) -> dict[str, list[Utterance]]:
+    """Every stage's shared test set, plus the foundation domain's when there is one."""
+    sets = {stage: stream.test(stage) for stage in stream.stages}
+    foundation = stream.foundation("test")  # empty for a user manifest
+    if foundation:
+        sets["foundation"] = foundation
+    return sets
+
+
+def evaluate_all(speech: SpeechModel, sets: dict[str, list[Utterance]], label: str) -> Evaluation:
+    was_training = speech.model.training
+    speech.model.eval()
+    wers, cers, predictions = {}, {}, []
+    with torch.no_grad():
+        for name, utterances in sets.items():
+            scored = evaluate(speech, utterances)
+            wers[name], cers[name] = scored["wer"], scored["cer"]
+            predictions += [{"test_set": name, **p} for p in scored["predictions"]]
+    speech.model.train(was_training)
+    return Evaluation(label=label, wer=wers, cer=cers, predictions=predictions)

@@ -1,0 +1,1 @@
+"""Flower ClientApp: one SuperNode is one factory site."""

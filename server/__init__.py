@@ -1,0 +1,1 @@
+"""Flower ServerApp: the continual loop (stages x rounds) and the centralization strategies."""

@@ -1,0 +1,151 @@
+"""Flower ServerApp: the continual loop, stages x rounds, then evaluation on every stage's test set.
+
+    flwr run .                                         default scenario, centralization every stage
+    flwr run . --run-config "strategy='fedavg' seed=1"
+
+Every knob is a run-config key (cl_fed.config.DEFAULTS). Results land in
+<output-dir>/<run-name>/ in the format of cl_fed.results; the state is checkpointed after every
+round, and `resume=true` continues an interrupted run.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.serverapp import Grid, ServerApp
+
+from cl_fed.adapters import LoraSpec, adapter_state, attach_lora
+from cl_fed.centralize import centralize
+from cl_fed.config import make_config
+from cl_fed.continual import evaluate_all, lora_spec, prepare_data, starting_model, state_checksum, test_sets
+from cl_fed.paths import runs_root
+from cl_fed.results import Evaluation, RunRecord
+from server.checkpoint import load_checkpoint, save_checkpoint
+from server.strategies import STRATEGY_CLASSES, ServerState, stack
+
+app = ServerApp()
+log = logging.getLogger("cl_fed.server")
+
+
+def wait_for_sites(grid: Grid, num_sites: int, timeout: float = 120.0) -> list[int]:
+    """All SuperNodes must be up, and there must be exactly one per site."""
+    deadline = time.monotonic() + timeout
+    while True:
+        nodes = list(grid.get_node_ids())
+        if len(nodes) > num_sites:
+            raise ValueError(f"{len(nodes)} SuperNodes are connected but the data has {num_sites} sites: "
+                             f"start one SuperNode per site (simulation: num-supernodes={num_sites})")
+        if len(nodes) == num_sites:
+            return nodes
+        if time.monotonic() > deadline:
+            raise ValueError(f"only {len(nodes)} SuperNodes connected after {timeout:.0f} s, but the data has "
+                             f"{num_sites} sites (simulation: num-supernodes={num_sites})")
+        time.sleep(1.0)
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    start = time.perf_counter()
+    cfg = make_config(dict(context.run_config), source="run config")
+    scenario, stream = prepare_data(cfg)  # checks the scenario before any training
+    stages = stream.stages
+    schedule = cfg.schedule(len(stages))
+    wait_for_sites(grid, len(stream.sites))
+    run_name = cfg.default_run_name()
+    run_dir = Path(cfg.output_dir or runs_root()) / run_name
+    speech = starting_model(cfg, scenario)
+    sets = test_sets(stream) if cfg.evaluation == "server" else {s: [] for s in stages}
+    federated = cfg.evaluation == "federated" or cfg.strategy == "local"
+
+    lora = STRATEGY_CLASSES[cfg.strategy].lora
+    if lora:
+        spec = lora_spec(cfg, speech)
+        probe = attach_lora(speech.model, spec, seed=cfg.seed)  # the adapters' names and shapes
+        reference = {k: v.shape for k, v in adapter_state(probe).items()}
+        speech.model = probe.unload()  # the server itself evaluates a plain model
+    else:
+        spec = LoraSpec(rank=1, alpha=1.0, dropout=0.0, target_modules=("unused",))
+        reference = {k: v.shape for k, v in speech.model.state_dict().items()}
+    base = {k: v.detach().clone() for k, v in speech.model.state_dict().items()}
+    state = ServerState(base=base, checksum=state_checksum(base))
+    record = RunRecord(run_name=run_name, strategy=cfg.strategy,
+                       schedule={**schedule.to_dict(), "merge": cfg.merge, "rounds_per_stage": cfg.rounds_per_stage},
+                       config=cfg.to_dict(), stages=stages)
+    position = (0, 0)
+    if cfg.resume and (run_dir / "checkpoint.pt").is_file():
+        state, record, position = load_checkpoint(run_dir / "checkpoint.pt", state)
+        log.warning("resuming %s at stage %d round %d", run_name, *position)
+        print(f"[cl-fed] resuming {run_name} at stage {position[0] + 1} round {position[1] + 1}", flush=True)
+    strategy = STRATEGY_CLASSES[cfg.strategy](cfg, schedule, state, reference, spec.scale, len(stream.sites))
+
+    def evaluate(label: str) -> Evaluation:
+        adapters, weights = strategy.pending()
+        if federated:
+            return federated_evaluation(grid, strategy, label, stages, adapters, weights, cfg)
+        weights_now = centralize(state.base, adapters, weights, spec.scale, cfg.merge) if adapters else state.base
+        speech.model.load_state_dict(weights_now)
+        return evaluate_all(speech, sets, label)
+
+    if record.initial is None:
+        print(f"[cl-fed] {run_name}: evaluating the starting base", flush=True)
+        record.initial = evaluate("initial")
+    server_round = position[0] * cfg.rounds_per_stage + position[1]
+    for t in range(position[0], len(stages)):
+        strategy.stage = t
+        first_round = position[1] if t == position[0] else 0
+        for r in range(first_round, cfg.rounds_per_stage):
+            server_round += 1
+            strategy.round, strategy.last_round_of_stage = r, r == cfg.rounds_per_stage - 1
+            tick = time.perf_counter()
+            messages = strategy.configure_train(server_round, ArrayRecord(), ConfigRecord(), grid)
+            timeout = cfg.round_timeout + (120 if server_round == 1 else 0)  # first round: workers start
+            replies = grid.send_and_receive(messages, timeout=timeout)
+            strategy.aggregate_train(server_round, replies)
+            entry = {**strategy.round_log, "stage_name": stages[t], "seconds": round(time.perf_counter() - tick, 3)}
+            entry["loss"] = (sum(l * n for l, n in zip(entry["losses"], entry["num_examples"]))
+                             / max(sum(entry["num_examples"]), 1)) if entry["losses"] else None
+            record.rounds.append(entry)
+            print(f"[cl-fed] stage {t + 1}/{len(stages)} {stages[t]} round {r + 1}/{cfg.rounds_per_stage}: "
+                  f"{len(entry['clients_used'])} sites used, {len(entry['clients_dropped'])} dropped, "
+                  f"loss {entry['loss'] if entry['loss'] is not None else float('nan'):.3f}"
+                  f"{', merged into the base' if entry['merged'] else ''}", flush=True)
+            last = r == cfg.rounds_per_stage - 1
+            if not last:
+                save_checkpoint(run_dir / "checkpoint.pt", state, record, (t, r + 1))
+        record.after_stage.append(evaluate(stages[t]))
+        wers = record.after_stage[-1].wer
+        print(f"[cl-fed] after {stages[t]}: WER " + ", ".join(f"{k} {v:.1f}" for k, v in wers.items()), flush=True)
+        save_checkpoint(run_dir / "checkpoint.pt", state, record, (t + 1, 0))
+    record.wall_seconds += time.perf_counter() - start
+    speech.model.load_state_dict(state.base)
+    speech.save(run_dir / "model")
+    record.write(run_dir)
+    print(f"[cl-fed] results: {(run_dir / 'results.json').resolve()}", flush=True)
+
+
+def federated_evaluation(grid, strategy, label, stages, adapters, weights, cfg) -> Evaluation:
+    """Each site scores the model on its share of every test set and returns error counts only."""
+    test_names = list(stages)
+    messages = []
+    for node in grid.get_node_ids():
+        sync, records = strategy.sync_records(node)
+        sync.update({"merge-count": len(adapters), "merge-weights": list(weights) or [0.0]})
+        if adapters:
+            records["merge"] = ArrayRecord(stack(adapters))
+        config = ConfigRecord({**sync, "test-sets": test_names, "stage": strategy.stage})
+        messages.append(Message(content=RecordDict({**records, "config": config}),
+                                message_type=MessageType.EVALUATE, dst_node_id=node))
+    replies = grid.send_and_receive(messages, timeout=cfg.round_timeout)
+    totals: dict[str, float] = {}
+    for reply in replies:
+        if reply.has_error():
+            log.warning("evaluation failed on node %s: %s", reply.metadata.src_node_id, reply.error.reason[-300:])
+            continue
+        for key, value in reply.content["metrics"].items():
+            totals[key] = totals.get(key, 0) + value
+    wer = {s: 100.0 * totals.get(f"{s}:word-errors", 0) / max(totals.get(f"{s}:words", 0), 1) for s in test_names}
+    cer = {s: 100.0 * totals.get(f"{s}:char-errors", 0) / max(totals.get(f"{s}:chars", 0), 1) for s in test_names}
+    return Evaluation(label=label, wer=wer, cer=cer, predictions=[])

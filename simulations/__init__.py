@@ -1,0 +1,1 @@
+"""Experiments on top of the Flower apps: the demo, sweeps and reports."""

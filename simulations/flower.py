@@ -1,0 +1,89 @@
+"""Run the Flower app through `flwr run` on the local simulation engine, and wait for it.
+
+`flwr run` submits to a local SuperLink that it starts in the background on first use (from
+the directory it was called in, with the caller's environment); `flwr run --stream` exits 0
+even when the run failed, so the outcome is read back with `flwr ls`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+from cl_fed.config import make_config
+from cl_fed.data.scenario import load_scenario
+from cl_fed.paths import project_root, runs_root
+
+BIN = Path(sys.executable).parent
+
+
+class FlowerRunError(RuntimeError):
+    pass
+
+
+def flower_env(extra: dict | None = None) -> dict:
+    """Offline: no per-run dependency installation; the venv's Flower executables first on PATH."""
+    env = dict(os.environ)
+    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
+    env.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
+    env.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
+    env.update(extra or {})
+    return env
+
+
+def toml_value(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    return "'" + str(value).replace("'", "") + "'"
+
+
+def run_config_arg(overrides: dict) -> str:
+    return " ".join(f"{k}={toml_value(v)}" for k, v in overrides.items())
+
+
+def flwr_run(overrides: dict | None = None, *, num_supernodes: int | None = None, cpus_per_client: int = 1,
+             env: dict | None = None, app_dir: Path | None = None, stream: bool = True,
+             timeout: float | None = None) -> Path:
+    """Run the app with these run-config overrides; returns the run directory (results.json)."""
+    overrides = dict(overrides or {})
+    cfg = make_config(overrides)  # errors before anything starts
+    if num_supernodes is None:
+        num_supernodes = len(load_scenario(cfg.scenario).sites)
+    app_dir = app_dir or project_root()
+    command = [str(BIN / "flwr"), "run", str(app_dir), "--stream" if stream else "",
+               "--federation-config", f"num-supernodes={num_supernodes} client-resources-num-cpus={cpus_per_client}"]
+    if overrides:
+        command += ["--run-config", run_config_arg(overrides)]
+    command = [c for c in command if c]
+    env = flower_env(env)
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            cwd=app_dir)
+    output = []
+    for line in proc.stdout:  # show progress as it comes
+        output.append(line)
+        if stream:
+            sys.stdout.write(line)
+            sys.stdout.flush()
+    proc.wait(timeout=timeout)
+    text = "".join(output)
+    found = re.search(r"Successfully started run (\d+)", text)
+    if proc.returncode != 0 or not found:
+        raise FlowerRunError(f"flwr run failed (exit {proc.returncode}):\n{text[-3000:]}")
+    status = run_status(found.group(1), env)
+    if status.get("status") != "finished:completed":
+        raise FlowerRunError(f"run {found.group(1)} ended as {status.get('status')!r}: "
+                             f"{status.get('status-details', '')}\n{text[-3000:]}")
+    return Path(cfg.output_dir or runs_root()) / cfg.default_run_name()
+
+
+def run_status(run_id: str, env: dict) -> dict:
+    done = subprocess.run([str(BIN / "flwr"), "ls", "--run-id", run_id, "--format", "json"], env=env,
+                          capture_output=True, text=True, check=True)
+    runs = json.loads(done.stdout).get("runs", [])
+    return runs[0] if runs else {}
