@@ -30,14 +30,18 @@ def describe(msg: Message) -> dict:
     return out
 
 
+def _write(context: Context, direction: str, message: Message) -> None:
+    path = Path(os.environ["CL_FED_AUDIT_DIR"]) / f"node-{context.node_id}.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a", encoding="utf-8") as f:
+        row = {"time": time.time(), "direction": direction, **describe(message)}
+        f.write(json.dumps(row, default=str) + "\n")
+
+
 def audit_messages(msg: Message, context: Context, call_next) -> Message:
-    directory = os.environ.get("CL_FED_AUDIT_DIR")
+    if not os.environ.get("CL_FED_AUDIT_DIR"):
+        return call_next(msg, context)
+    _write(context, "in", msg)
     reply = call_next(msg, context)
-    if directory:
-        path = Path(directory) / f"node-{context.node_id}.jsonl"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "a", encoding="utf-8") as f:
-            for direction, message in (("in", msg), ("out", reply)):
-                row = {"time": time.time(), "direction": direction, **describe(message)}
-                f.write(json.dumps(row, default=str) + "\n")
+    _write(context, "out", reply)
     return reply

@@ -11,6 +11,8 @@ audio seconds; site = the site's name and base checksum. Never audio, features o
 
 from __future__ import annotations
 
+import time
+
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -20,6 +22,7 @@ from cl_fed.centralize import AdapterPool, centralize
 from cl_fed.config import make_config
 from cl_fed.continual import lora_spec, train_config
 from cl_fed.evaluate import transcribe
+from cl_fed.faults import InjectedCrash, client_fault
 from cl_fed.io import atomic_torch_save
 from cl_fed.metrics import error_counts
 from cl_fed.train import train_local
@@ -60,7 +63,7 @@ def sync_base(site: Site, msg: Message) -> None:
 def _site(context: Context) -> Site:
     cfg = make_config(dict(context.run_config), source="run config")
     run_key = cfg.default_run_name()
-    return load_site(cfg, dict(context.node_config), run_key)
+    return load_site(cfg, dict(context.node_config), run_key, context.run_id)
 
 
 @app.train()
@@ -79,11 +82,18 @@ def train(msg: Message, context: Context) -> Message:
             load_adapter_state(site.speech.model, _tensors(msg.content["adapter"]))
         elif bool(conf["fresh-adapter"]):
             reset_adapters(site.speech.model, seed)
+    fault = client_fault(site.name, int(conf["server-round"]))
+    if fault and fault["fault"] == "raise":
+        raise InjectedCrash(f"injected fault at site {site.name}")
+    if fault and fault["fault"] == "sleep":
+        time.sleep(float(fault.get("seconds", 30)))
     result = train_local(site.speech, data, train_config(site.cfg, full=not site.lora, seed=seed))
     if site.lora:
         arrays = adapter_state(site.speech.model)
     else:
         arrays = {k: v.detach().to(torch.float32).clone() for k, v in site.speech.model.state_dict().items()}
+    if fault and fault["fault"] == "nan":
+        arrays = {k: torch.full_like(v, float("nan")) for k, v in arrays.items()}
     if site.cfg.strategy == "local":
         merge_locally(site, arrays, conf)
     metrics = MetricRecord({

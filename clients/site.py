@@ -7,6 +7,7 @@ holds is also kept on disk (atomically) under the site's own cache directory.
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from cl_fed.centralize import centralize
 from cl_fed.config import RunConfig
 from cl_fed.continual import lora_spec, prepare_data, state_checksum
 from cl_fed.data.stream import StageStream
-from cl_fed.io import atomic_torch_save
+from cl_fed.io import atomic_torch_save, atomic_write_text
 from cl_fed.models.base import SpeechModel
 from cl_fed.models.registry import build_model
 from cl_fed.paths import cache_root
@@ -78,9 +79,12 @@ def site_name(node_config: dict, stream: StageStream) -> str:
     return stream.sites[index]
 
 
-def load_site(cfg: RunConfig, node_config: dict, run_key: str) -> Site:
-    """The site for this node, from the worker's cache, else rebuilt (base from disk if kept)."""
-    key = (run_key, tuple(sorted((k, str(v)) for k, v in node_config.items())))
+def load_site(cfg: RunConfig, node_config: dict, run_key: str, run_id: int) -> Site:
+    """The site for this node, from the worker's cache, else rebuilt (base from disk if kept).
+
+    What a site keeps on disk belongs to one run: a new run under the same name starts clean,
+    unless it resumes (`resume=true`)."""
+    key = (run_key, run_id, tuple(sorted((k, str(v)) for k, v in node_config.items())))
     if key in _SITES:
         return _SITES[key]
     _, stream = prepare_data(cfg, progress=False)
@@ -90,6 +94,11 @@ def load_site(cfg: RunConfig, node_config: dict, run_key: str) -> Site:
     if cfg.strategy in LORA_STRATEGIES:
         speech.model = attach_lora(speech.model, lora_spec(cfg, speech), seed=cfg.seed)
     state_dir = cache_root() / "sites" / run_key / name
+    owner = state_dir / "run-id"
+    if not cfg.resume and owner.is_file() and owner.read_text().strip() != str(run_id):
+        shutil.rmtree(state_dir, ignore_errors=True)
+    state_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(owner, str(run_id))
     site = Site(name, cfg, stream, speech, checksum="", state_dir=state_dir)
     saved = state_dir / "base.pt"
     if saved.is_file():

@@ -20,6 +20,7 @@ from flwr.serverapp import Grid, ServerApp
 from cl_fed.adapters import LoraSpec, adapter_state, attach_lora
 from cl_fed.centralize import centralize
 from cl_fed.config import make_config
+from cl_fed.faults import InjectedCrash, stop_after_round
 from cl_fed.continual import evaluate_all, lora_spec, prepare_data, starting_model, state_checksum, test_sets
 from cl_fed.paths import runs_root
 from cl_fed.results import Evaluation, RunRecord
@@ -115,15 +116,22 @@ def main(grid: Grid, context: Context) -> None:
             last = r == cfg.rounds_per_stage - 1
             if not last:
                 save_checkpoint(run_dir / "checkpoint.pt", state, record, (t, r + 1))
+                crash_if_injected(server_round)
         record.after_stage.append(evaluate(stages[t]))
         wers = record.after_stage[-1].wer
         print(f"[cl-fed] after {stages[t]}: WER " + ", ".join(f"{k} {v:.1f}" for k, v in wers.items()), flush=True)
         save_checkpoint(run_dir / "checkpoint.pt", state, record, (t + 1, 0))
+        crash_if_injected(server_round)
     record.wall_seconds += time.perf_counter() - start
     speech.model.load_state_dict(state.base)
     speech.save(run_dir / "model")
     record.write(run_dir)
     print(f"[cl-fed] results: {(run_dir / 'results.json').resolve()}", flush=True)
+
+
+def crash_if_injected(server_round: int) -> None:
+    if stop_after_round() == server_round:
+        raise InjectedCrash(f"injected server crash after round {server_round} (checkpoint written)")
 
 
 def federated_evaluation(grid, strategy, label, stages, adapters, weights, cfg) -> Evaluation:

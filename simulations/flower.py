@@ -12,6 +12,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from cl_fed.config import make_config
@@ -75,11 +76,21 @@ def flwr_run(overrides: dict | None = None, *, num_supernodes: int | None = None
     found = re.search(r"Successfully started run (\d+)", text)
     if proc.returncode != 0 or not found:
         raise FlowerRunError(f"flwr run failed (exit {proc.returncode}):\n{text[-3000:]}")
-    status = run_status(found.group(1), env)
+    status = wait_for_run(found.group(1), env, timeout)
     if status.get("status") != "finished:completed":
         raise FlowerRunError(f"run {found.group(1)} ended as {status.get('status')!r}: "
                              f"{status.get('status-details', '')}\n{text[-3000:]}")
     return Path(cfg.output_dir or runs_root()) / cfg.default_run_name()
+
+
+def wait_for_run(run_id: str, env: dict, timeout: float | None = None) -> dict:
+    """Poll the SuperLink until the run has finished (`flwr run` without --stream returns at once)."""
+    deadline = time.monotonic() + (timeout or 24 * 3600)
+    while True:
+        status = run_status(run_id, env)
+        if str(status.get("status", "")).startswith("finished") or time.monotonic() > deadline:
+            return status
+        time.sleep(2.0)
 
 
 def run_status(run_id: str, env: dict) -> dict:

@@ -1,0 +1,133 @@
+"""Real `flwr run` simulations of the tiny scenario against a SuperLink this module starts.
+
+Checks results.json end to end, that no message carries audio, features or transcripts, that
+an injected client crash and a NaN update are survived and recorded, and that a run killed
+after a round and resumed ends exactly like an uninterrupted one.
+"""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from cl_fed.data.stream import StageStream
+from cl_fed.data.synth import generate
+from cl_fed.metrics import continual_metrics
+from cl_fed.results import recompute_matrices
+from simulations.flower import BIN, FlowerRunError, flower_env, flwr_run
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def flower(tmp_path_factory):
+    home = tmp_path_factory.mktemp("flwr-home")
+    work = tmp_path_factory.mktemp("flower")
+    port, control = _free_port(), _free_port()
+    env = flower_env({
+        "FLWR_HOME": str(home),
+        "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(port),
+        "FLWR_LOCAL_CONTROL_API_PORT": str(control),
+        "CL_FED_AUDIT_DIR": str(work / "audit"),
+        "CL_FED_FAULTS_FILE": str(work / "faults.json"),
+    })
+    superlink = subprocess.Popen(
+        [str(BIN / "flower-superlink"), "--insecure", "--simulation", "--isolation", "subprocess",
+         "--control-api-address", f"127.0.0.1:{control}", "--host", "127.0.0.1", "--port", str(port),
+         "--log-file", str(work / "superlink.log")],
+        env=env, cwd=work, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    for _ in range(300):
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=0.5).is_success:
+                break
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    else:
+        superlink.kill()
+        pytest.fail("the SuperLink did not start")
+    yield {"env": env, "work": work}
+    superlink.terminate()
+    try:
+        superlink.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(superlink.pid, signal.SIGKILL)
+
+
+def run(flower, faults=None, **overrides):
+    (flower["work"] / "faults.json").write_text(json.dumps(faults or {}))
+    config = {"scenario": "tiny", "rounds-per-stage": 2, "output-dir": str(flower["work"] / "runs"), **overrides}
+    return flwr_run(config, env=flower["env"], stream=False, timeout=900)
+
+
+def test_centralization_run_results_and_privacy(flower):
+    run_dir = run(flower, faults={"client": [{"site": "factory-b", "round": 2, "fault": "raise"},
+                                             {"site": "factory-a", "round": 3, "fault": "nan"}]})
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["strategy"] == "centralization" and results["complete"]
+    assert results["stages"] == ["en-welding", "de-codeswitch"]
+    assert len(results["rounds"]) == 4 and len(results["wer_matrix"]) == 2
+    # the injected faults: left out of their round with a reason, the run went on
+    dropped = {r["server_round"]: r["clients_dropped"] for r in results["rounds"]}
+    assert "injected fault" in dropped[2][0]["reason"] and results["rounds"][1]["clients_used"] == ["factory-a"]
+    assert "NaN" in dropped[3][0]["reason"] and results["rounds"][2]["clients_used"] == ["factory-b"]
+    assert dropped[1] == [] and dropped[4] == []
+    # metrics recompute from the matrix, and the matrix from the saved predictions
+    assert results["metrics"] == continual_metrics(results["wer_matrix"], initial=results["initial_wer"])
+    wer, cer = recompute_matrices(run_dir)
+    assert wer == results["wer_matrix"] and cer == results["cer_matrix"]
+    assert results["bytes_up"] > 0 and results["bytes_down"] > results["bytes_up"]
+    # the final base loads with from_pretrained
+    from transformers import ParakeetForCTC
+
+    ParakeetForCTC.from_pretrained(run_dir / "model")
+
+    # privacy: every array is a model weight or an adapter factor; no transcript in any message
+    audit = [json.loads(line) for f in (flower["work"] / "audit").glob("*.jsonl") for line in f.read_text().splitlines()]
+    incoming = [row for row in audit if row["direction"] == "in" and row["type"] == "train"]
+    assert len(incoming) == 2 * 4  # 2 sites x 4 rounds, the crashing one included
+    assert sum(row["direction"] == "out" for row in audit) == 2 * 4 - 1  # the crash sent no reply
+    stream = StageStream.from_dataset_dir(generate("tiny", progress=False))
+    transcripts = {u.text for s in stream.stages for u in stream.test(s)} | {
+        u.text for site in stream.sites for i in range(len(stream.stages)) for u in stream.site(site).enter(i)}
+    for row in audit:
+        for record, arrays in row["arrays"].items():
+            for key, (dtype, shape) in arrays.items():
+                assert dtype in ("float32", "torch.float32", "int64", "torch.int64"), (key, dtype)
+                name = key.split("/", 1)[-1]
+                assert name.endswith((".lora_A", ".lora_B", ".weight", ".bias", "running_mean", "running_var",
+                                      "num_batches_tracked")) or record == "base", key
+        text = json.dumps(row["configs"]) + json.dumps(row["metrics"])
+        assert not any(t in text for t in transcripts if len(t) > 8)
+
+
+def test_resume_after_a_server_crash_equals_an_uninterrupted_run(flower):
+    whole = run(flower, **{"run-name": "whole", "strategy": "fedavg-lora"})
+    with pytest.raises(FlowerRunError):
+        run(flower, faults={"stop-after-round": 2}, **{"run-name": "crashed", "strategy": "fedavg-lora"})
+    assert (whole.parent / "crashed" / "checkpoint.pt").is_file()
+    assert not (whole.parent / "crashed" / "results.json").exists()
+    resumed = run(flower, **{"run-name": "crashed", "strategy": "fedavg-lora", "resume": True})
+    a = json.loads((whole / "results.json").read_text())
+    b = json.loads((resumed / "results.json").read_text())
+    assert a["wer_matrix"] == b["wer_matrix"] and a["cer_matrix"] == b["cer_matrix"]
+    assert [r["loss"] for r in a["rounds"]] == [r["loss"] for r in b["rounds"]]
+
+
+def test_wrong_number_of_supernodes_is_a_clear_error(flower):
+    (flower["work"] / "faults.json").write_text("{}")
+    with pytest.raises(FlowerRunError, match="SuperNodes"):
+        flwr_run({"scenario": "tiny", "output-dir": str(flower["work"] / "runs")}, num_supernodes=3,
+                 env=flower["env"], stream=False, timeout=600)
