@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m cl_fed.demo
+	$(PY) -m simulations.demo
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -48,6 +48,13 @@ def run_config_arg(overrides: dict) -> str:
     return " ".join(f"{k}={toml_value(v)}" for k, v in overrides.items())
 
 
+def configure_local_federation(num_supernodes: int, cpus_per_client: int = 1, env: dict | None = None) -> None:
+    """Make plain `flwr run .` simulate one SuperNode per site on the local SuperLink (persistent)."""
+    subprocess.run([str(BIN / "flwr"), "federation", "simulation-config", "--num-supernodes", str(num_supernodes),
+                    "--client-resources-num-cpus", str(cpus_per_client)],
+                   env=flower_env(env), check=True, capture_output=True, text=True, cwd=project_root())
+
+
 def flwr_run(overrides: dict | None = None, *, num_supernodes: int | None = None, cpus_per_client: int = 1,
              env: dict | None = None, app_dir: Path | None = None, stream: bool = True,
              timeout: float | None = None) -> Path:
