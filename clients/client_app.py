@@ -87,11 +87,13 @@ def train(msg: Message, context: Context) -> Message:
         raise InjectedCrash(f"injected fault at site {site.name}")
     if fault and fault["fault"] == "sleep":
         time.sleep(float(fault.get("seconds", 30)))
+    start = None if site.lora else {k: v.detach().clone() for k, v in site.base().items()}
     result = train_local(site.speech, data, train_config(site.cfg, full=not site.lora, seed=seed))
     if site.lora:
         arrays = adapter_state(site.speech.model)
     else:
         arrays = {k: v.detach().to(torch.float32).clone() for k, v in site.speech.model.state_dict().items()}
+        site.set_base(start, persist=False)  # the site keeps holding the base it names; its update is in the reply
     if fault and fault["fault"] == "nan":
         arrays = {k: torch.full_like(v, float("nan")) for k, v in arrays.items()}
     if site.cfg.strategy == "local":
@@ -134,12 +136,12 @@ def evaluate(msg: Message, context: Context) -> Message:
     site = _site(context)
     conf = msg.content["config"]
     model = site.speech.model
-    if site.cfg.strategy != "local":
+    if site.cfg.strategy != "local" or site.checksum == "":
         sync_base(site, msg)
     base = site.base()
     pending: tuple[list, list] = ([], [])
-    if site.cfg.strategy != "local" and int(conf["merge-count"]):
-        pending = (_unstack(msg.content["merge"], int(conf["merge-count"])), list(conf["merge-weights"]))
+    if site.cfg.strategy != "local" and int(conf["pending-count"]):
+        pending = (_unstack(msg.content["pending"], int(conf["pending-count"])), list(conf["pending-weights"]))
     elif site.cfg.strategy == "local" and site.pool_state and site.pool_state["groups"]:
         pool = AdapterPool(int(site.pool_state["size"]))
         pool.load_state_dict(site.pool_state)

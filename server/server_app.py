@@ -139,11 +139,11 @@ def federated_evaluation(grid, strategy, label, stages, adapters, weights, cfg) 
     test_names = list(stages)
     messages = []
     for node in grid.get_node_ids():
-        sync, records = strategy.sync_records(node)
-        sync.update({"merge-count": len(adapters), "merge-weights": list(weights) or [0.0]})
+        sync, records = strategy.sync_records(node)  # may itself be a merge instruction: keep it whole
         if adapters:
-            records["merge"] = ArrayRecord(stack(adapters))
-        config = ConfigRecord({**sync, "test-sets": test_names, "stage": strategy.stage})
+            records["pending"] = ArrayRecord(stack(adapters))
+        config = ConfigRecord({**sync, "pending-count": len(adapters), "pending-weights": list(weights) or [0.0],
+                               "test-sets": test_names, "stage": strategy.stage})
         messages.append(Message(content=RecordDict({**records, "config": config}),
                                 message_type=MessageType.EVALUATE, dst_node_id=node))
     replies = grid.send_and_receive(messages, timeout=cfg.round_timeout)
@@ -154,6 +154,10 @@ def federated_evaluation(grid, strategy, label, stages, adapters, weights, cfg) 
             continue
         for key, value in reply.content["metrics"].items():
             totals[key] = totals.get(key, 0) + value
-    wer = {s: 100.0 * totals.get(f"{s}:word-errors", 0) / max(totals.get(f"{s}:words", 0), 1) for s in test_names}
-    cer = {s: 100.0 * totals.get(f"{s}:char-errors", 0) / max(totals.get(f"{s}:chars", 0), 1) for s in test_names}
+    def rate(errors: str, total: str, name: str) -> float:
+        n = totals.get(f"{name}:{total}", 0)
+        return 100.0 * totals.get(f"{name}:{errors}", 0) / n if n else float("nan")  # no site scored it
+
+    wer = {s: rate("word-errors", "words", s) for s in test_names}
+    cer = {s: rate("char-errors", "chars", s) for s in test_names}
     return Evaluation(label=label, wer=wer, cer=cer, predictions=[])

@@ -153,11 +153,15 @@ class ContinualStrategy(FedAvg):
             self.combine(adapters, weights)
         else:
             log.warning("round %s: no usable update; the model is unchanged", server_round)
+            self.no_update()
         loss = sum(l * n for l, n in zip(losses, examples)) / max(sum(examples), 1) if losses else float("nan")
         return None, MetricRecord({"train-loss": loss, "num-examples": sum(examples)})
 
     def combine(self, adapters: list[dict], weights: list[float]) -> None:
         raise NotImplementedError
+
+    def no_update(self) -> None:
+        """A round in which no site's update could be used."""
 
     # ---- merging --------------------------------------------------------------------------------
     def merge(self, adapters: list[dict], weights: list[float]) -> None:
@@ -197,6 +201,12 @@ class Centralization(ContinualStrategy):
         st.pool = pool.state_dict()
 
 
+    def no_update(self):
+        # the stage still ends: what the earlier rounds averaged is pooled like a last round's updates
+        if self.last_round_of_stage and not self.schedule.merge_after_round() and self.state.adapter is not None:
+            self.combine([self.state.adapter], [1.0])
+
+
 class FedAvgLora(ContinualStrategy):
     def combine(self, adapters, weights):
         self.state.adapter = average_adapters(adapters, weights)
@@ -215,8 +225,10 @@ class FedAvgFull(ContinualStrategy):
 
     def combine(self, adapters, weights):
         st = self.state
-        average = {k: sum(w * a[k].to(torch.float64) for w, a in zip(weights, adapters)).to(st.base[k].dtype)
-                   for k in st.base}
+        average = {}
+        for k, like in st.base.items():
+            mean = sum(w * a[k].to(torch.float64) for w, a in zip(weights, adapters))
+            average[k] = (mean if like.is_floating_point() else mean.round()).to(like.dtype)  # counters stay whole
         st.base, st.checksum, st.instruction = average, state_checksum(average), None
 
 

@@ -36,7 +36,7 @@ INFO_FILE = "foundation.json"
 # Tuned on the default scenario (2,000 foundation utterances, ~1.7 h): see foundation.json for the
 # CER it reached. Cosine decay anneals to a sharper optimum than inverse-sqrt in a fixed budget.
 FOUNDATION_TRAIN = TrainConfig(
-    epochs=6, batch_size=16, lr=2e-3, warmup_steps=150, schedule="cosine", weight_decay=0.01,
+    epochs=3, batch_size=16, lr=2e-3, warmup_steps=150, schedule="cosine", weight_decay=0.01,
     grad_clip=1.0, spec_augment=True,
 )
 
