@@ -4,7 +4,7 @@ Trains on the tiny scenario's foundation train split (generated on first use) an
 audio trained per wall second ("x real time") and peak memory. Features are cached before timing, as
 in federated rounds after the first. Prints figures only; no pass/fail.
 
-    python -m benchmarks.train_speed [--epochs 3] [--batch-size 16] [--threads N] [--device cuda]
+    python -m benchmarks.train_speed [--epochs 6] [--batch-size 16] [--threads N] [--device cuda]
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ def run(mode: str, utterances, cache: FeatureCache, args) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

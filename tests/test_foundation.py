@@ -22,7 +22,7 @@ def test_foundation_base_trains_caches_and_reloads(tmp_path):
     assert info["key"] == foundation_key(load_scenario("tiny"), BUDGET, 0)
     assert path.name == info["key"][:16]
     assert info["steps"] == 25 and info["train_utterances"] == 40 and info["test_utterances"] == 8
-    assert info["final_train_loss"] < 0.5 * info["first_train_loss"]  # it learned something
+    assert info["final_train_loss"] < 0.7 * info["first_train_loss"]  # it learned something
     assert 0.0 <= info["cer"] <= 100.0 and info["wall_seconds"] > 0
     assert not list((tmp_path / "bases").glob(".tmp-*"))  # nothing half-written left behind
 

@@ -107,6 +107,7 @@ def _train(scenario: Scenario, dataset: Path, config: TrainConfig, seed: int, ou
     result = train_local(speech, train, config, cache=cache)
     scores = evaluate(speech, test, cache=cache)
     speech.save(out)
+    tail = result.step_losses[-max(1, min(20, result.steps // 10)):] or [float("nan")]
     return {
         "model": NAME,
         "scenario": scenario.name,
@@ -118,8 +119,8 @@ def _train(scenario: Scenario, dataset: Path, config: TrainConfig, seed: int, ou
         "train_audio_hours": round(sum(u.seconds for u in train) / 3600, 3),
         "test_utterances": len(test),
         "steps": result.steps,
-        "final_train_loss": round(sum(result.step_losses[-20:]) / len(result.step_losses[-20:]), 4),
-        "first_train_loss": round(result.step_losses[0], 4),
+        "first_train_loss": round(result.step_losses[0], 4) if result.step_losses else float("nan"),
+        "final_train_loss": round(sum(tail) / len(tail), 4),  # mean over the last 10% of steps (<= 20)
         "wer": scores["wer"],
         "cer": scores["cer"],
         "train_seconds": round(result.wall_seconds, 1),

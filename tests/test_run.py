@@ -1,0 +1,51 @@
+"""The single-site runner (the paper's setting) on the tiny scenario, and the results format."""
+
+import json
+
+import pytest
+import torch
+
+from cl_fed.config import make_config
+from cl_fed.metrics import continual_metrics
+from cl_fed.models.registry import load_model
+from cl_fed.results import recompute_matrices
+from cl_fed.run import main, run_single_site
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("every", ["stage", "2", "round"])
+def test_single_site_runner_writes_consistent_results(tmp_path, every):
+    cfg = make_config({"scenario": "tiny", "rounds-per-stage": 1, "centralize-every": every,
+                       "output-dir": str(tmp_path)})
+    run_dir = run_single_site(cfg, site="all", progress=False)
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["stages"] == ["en-welding", "de-codeswitch"] and results["complete"]
+    assert results["schedule"]["centralize_every"] == {"stage": 1, "2": 2, "round": "round"}[every]
+    # every figure recomputes: matrices from the predictions, metrics from the matrix
+    wer, cer = recompute_matrices(run_dir)
+    assert wer == results["wer_matrix"] and cer == results["cer_matrix"]
+    assert results["metrics"] == continual_metrics(results["wer_matrix"], initial=results["initial_wer"])
+    merged = [r["merged"] for r in results["rounds"]]
+    assert merged == ([False, True] if every == "2" else [True, True])
+    # the saved base is the merged model: it loads and differs from the starting base
+    final = load_model(run_dir / "model")
+    assert sum(p.numel() for p in final.model.parameters()) > 1_000_000
+    assert "foundation" in results["other_test_sets"]
+
+
+def test_unknown_site_and_strategy_are_clear_errors(tmp_path):
+    cfg = make_config({"scenario": "tiny", "output-dir": str(tmp_path)})
+    with pytest.raises(ValueError, match="site='factory-z' is not in the data"):
+        run_single_site(cfg, site="factory-z", progress=False)
+    with pytest.raises(ValueError, match="needs several sites"):
+        run_single_site(make_config({"strategy": "local"}), progress=False)
+    with pytest.raises(ValueError, match="does not divide the 2 stages"):
+        run_single_site(make_config({"scenario": "tiny", "centralize-every": 3}), progress=False)
+
+
+def test_command_line_flags_are_the_run_config_keys(tmp_path, capsys):
+    with pytest.raises(ValueError, match="fedprox"):
+        main(["--scenario", "tiny", "--strategy", "fedprox"])
+    with pytest.raises(SystemExit):
+        main(["--no-such-flag", "1"])
+    assert torch.get_num_threads() >= 1
