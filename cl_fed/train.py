@@ -210,7 +210,7 @@ def train_local(
                     loss = speech.loss(batch)
                 if not torch.isfinite(loss):
                     ids = [utterances[i].id for i in indices]
-                    raise FloatingPointError(f"non-finite training loss {loss.item()} at step {step} (batch {ids[:4]}...)")
+                    raise FloatingPointError(f"non-finite training loss {loss.item()} at step {step}, batch {ids}")
                 (scaler.scale(loss) if scaler else loss).backward()
                 if scaler:
                     scaler.unscale_(optimizer)

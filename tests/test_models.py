@@ -9,8 +9,15 @@ import math
 import pytest
 import soundfile as sf
 import torch
+from tokenizers import Tokenizer, decoders, pre_tokenizers
+from tokenizers import models as tokenizer_models
 from transformers import (
     GenerationConfig,
+    ParakeetCTCConfig,
+    ParakeetFeatureExtractor,
+    ParakeetForCTC,
+    ParakeetProcessor,
+    ParakeetTokenizer,
     Wav2Vec2Config,
     Wav2Vec2CTCTokenizer,
     Wav2Vec2FeatureExtractor,
@@ -91,6 +98,26 @@ def make_whisper(directory) -> None:
     )
     model.save_pretrained(directory)
     WhisperProcessor(feature_extractor=WhisperFeatureExtractor(feature_size=80), tokenizer=tokenizer).save_pretrained(
+        directory
+    )
+
+
+def make_parakeet(directory) -> None:
+    """A character-level ParakeetTokenizer ("<blank>" = pad = CTC blank) and a 1-block ParakeetForCTC."""
+    vocab = {"<unk>": 0, "\u2581": 1, **{c: i + 2 for i, c in enumerate("abcdefghijklmnopqrstuvwxyz'")}}
+    vocab["<blank>"] = len(vocab)
+    backend = Tokenizer(tokenizer_models.WordPiece(vocab=vocab, unk_token="<unk>", continuing_subword_prefix=""))
+    backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first", split=False)
+    backend.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="first", split=False)
+    tokenizer = ParakeetTokenizer(tokenizer_object=backend, unk_token="<unk>", pad_token="<blank>")
+    config = ParakeetCTCConfig(
+        vocab_size=len(vocab), pad_token_id=vocab["<blank>"],
+        encoder_config=dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                            subsampling_conv_channels=16, num_mel_bins=80),
+    )
+    torch.manual_seed(0)
+    ParakeetForCTC(config).save_pretrained(directory)
+    ParakeetProcessor(feature_extractor=ParakeetFeatureExtractor(feature_size=80), tokenizer=tokenizer).save_pretrained(
         directory
     )
 
@@ -236,6 +263,23 @@ def test_wav2vec2_with_lora_attached_still_trains(tmp_path):
     speech.model = attach_lora(speech.model, lora_spec(speech), seed=0)
     assert 0 < speech.num_parameters(trainable_only=True) < speech.num_parameters() / 2
     assert_trains(speech, ["abc", "de"])
+
+
+def test_parakeet_directory_uses_the_generic_ctc_path(tmp_path):
+    make_parakeet(tmp_path / "pk")
+    speech = build_model(tmp_path / "pk")
+    assert isinstance(speech, HFCTCModel)
+    assert speech.lora_targets == ("q_proj", "k_proj", "v_proj", "o_proj", "linear1", "linear2")
+    assert_targets_exist(speech)
+    batch = speech.batch(waves(1.0, 0.5), ["ab ba", "ab"])
+    assert batch["input_features"].shape[:2] == batch["attention_mask"].shape
+    assert batch["attention_mask"].sum(dim=1).tolist()[1] < batch["attention_mask"].shape[1]
+    assert_trains(speech, ["ab ba", "ab"])
+    # a blank between two equal tokens keeps both; repeats without one collapse
+    g, b, space, blank = (speech.tokenizer.convert_tokens_to_ids(t) for t in ("g", "b", "\u2581", "<blank>"))
+    assert speech.tokenizer.decode([g, g, blank, g, space, b]) == "gg b"
+    texts = speech.transcribe(speech.batch(waves(1.0, 0.5)))
+    assert len(texts) == 2 and all(isinstance(t, str) for t in texts)
 
 
 # ---- Whisper ------------------------------------------------------------------------------------
