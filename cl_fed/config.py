@@ -18,6 +18,8 @@ DEFAULTS: dict[str, object] = {
     "scenario": "default",  # packaged scenario name or path to a scenario YAML
     "model": "tiny-fastconformer-ctc",  # registry name, local model dir, or hub id (needs allow-download)
     "allow-download": False,
+    "bad-rows": "raise",  # manifest rows with missing/corrupt/empty/too long audio or bad text: raise | skip
+    "max-seconds": 30.0,  # longest clip a manifest may hold (0 = no limit)
     "strategy": "centralization",  # centralization | fedavg | fedavg-lora | local
     "merge": "product",  # product (exact mean of B_i A_i) | factors (mean B times mean A)
     "centralize-every": "stage",  # round | stage | K (stages, through an adapter pool)
@@ -46,6 +48,8 @@ class RunConfig:
     scenario: str
     model: str
     allow_download: bool
+    bad_rows: str
+    max_seconds: float
     strategy: str
     merge: str
     centralize_every: str
@@ -118,6 +122,8 @@ def make_config(overrides: dict | None = None, *, source: str = "run config") ->
         raise ValueError(f"{source}: merge={cfg.merge!r}; choose one of {', '.join(MERGE_MODES)}")
     if cfg.evaluation not in EVALUATION_MODES:
         raise ValueError(f"{source}: evaluation={cfg.evaluation!r}; choose one of {', '.join(EVALUATION_MODES)}")
+    if cfg.bad_rows not in ("raise", "skip"):
+        raise ValueError(f"{source}: bad-rows={cfg.bad_rows!r}; choose raise or skip")
     if cfg.weighting not in ("examples", "uniform"):
         raise ValueError(f"{source}: weighting={cfg.weighting!r}; choose examples or uniform")
     for key in ("rounds-per-stage", "local-epochs", "batch-size"):

@@ -33,7 +33,11 @@ MANIFEST_SUFFIXES = (".jsonl", ".json", ".csv")
 def prepare_data(cfg: RunConfig, progress: bool = True) -> tuple[Scenario | None, StageStream]:
     """A scenario (generated once, cached) or a user manifest, as a site x stage stream."""
     if Path(cfg.scenario).suffix.lower() in MANIFEST_SUFFIXES:
-        return None, StageStream.from_manifest(cfg.scenario)
+        stream = StageStream.from_manifest(cfg.scenario, on_error=cfg.bad_rows,
+                                           max_seconds=cfg.max_seconds or None)
+        if progress and stream.load_summary is not None and stream.load_summary.num_skipped:
+            print(f"[cl-fed] {stream.load_summary.format()}", flush=True)
+        return None, stream
     scenario = load_scenario(cfg.scenario)
     return scenario, StageStream.from_dataset_dir(generate(scenario, progress=progress))
 
