@@ -67,7 +67,10 @@ class RunRecord:
         wer_matrix, cer_matrix = self.matrix("wer"), self.matrix("cer")
         initial_wer = [self.initial.wer[s] for s in self.stages] if self.initial else None
         complete = len(self.after_stage) == len(self.stages)
-        metrics = continual_metrics(wer_matrix, initial=initial_wer) if complete else None
+        try:  # a test set nobody could score (NaN) leaves the metrics undefined, not the run lost
+            metrics = continual_metrics(wer_matrix, initial=initial_wer) if complete else None
+        except ValueError:
+            metrics = None
         extra = sorted({k for e in self.after_stage for k in e.wer} - set(self.stages))
         return {
             "format": FORMAT,

@@ -135,25 +135,38 @@ def crash_if_injected(server_round: int) -> None:
 
 
 def federated_evaluation(grid, strategy, label, stages, adapters, weights, cfg) -> Evaluation:
-    """Each site scores the model on its share of every test set and returns error counts only."""
+    """Each site scores the model on its share of every test set and returns error counts only.
+
+    A site that fails (for example because its base was not the one assumed) is asked once more
+    with the full base, so one stale site does not leave a test set unscored."""
     test_names = list(stages)
-    messages = []
-    for node in grid.get_node_ids():
+
+    def message(node: int) -> Message:
         sync, records = strategy.sync_records(node)  # may itself be a merge instruction: keep it whole
         if adapters:
             records["pending"] = ArrayRecord(stack(adapters))
         config = ConfigRecord({**sync, "pending-count": len(adapters), "pending-weights": list(weights) or [0.0],
                                "test-sets": test_names, "stage": strategy.stage})
-        messages.append(Message(content=RecordDict({**records, "config": config}),
-                                message_type=MessageType.EVALUATE, dst_node_id=node))
-    replies = grid.send_and_receive(messages, timeout=cfg.round_timeout)
+        return Message(content=RecordDict({**records, "config": config}), message_type=MessageType.EVALUATE,
+                       dst_node_id=node)
+
     totals: dict[str, float] = {}
-    for reply in replies:
-        if reply.has_error():
-            log.warning("evaluation failed on node %s: %s", reply.metadata.src_node_id, reply.error.reason[-300:])
-            continue
-        for key, value in reply.content["metrics"].items():
-            totals[key] = totals.get(key, 0) + value
+    nodes = list(grid.get_node_ids())
+    for attempt in range(2):
+        failed = []
+        for reply in grid.send_and_receive([message(node) for node in nodes], timeout=cfg.round_timeout):
+            node = reply.metadata.src_node_id
+            if reply.has_error():
+                print(f"[cl-fed] evaluation failed on node {node}: {_last_line(reply.error.reason)}", flush=True)
+                strategy.state.node_base.pop(node, None)  # next time: the full base
+                failed.append(node)
+                continue
+            for key, value in reply.content["metrics"].items():
+                totals[key] = totals.get(key, 0) + value
+        nodes = failed
+        if not nodes:
+            break
+
     def rate(errors: str, total: str, name: str) -> float:
         n = totals.get(f"{name}:{total}", 0)
         return 100.0 * totals.get(f"{name}:{errors}", 0) / n if n else float("nan")  # no site scored it
@@ -161,3 +174,8 @@ def federated_evaluation(grid, strategy, label, stages, adapters, weights, cfg) 
     wer = {s: rate("word-errors", "words", s) for s in test_names}
     cer = {s: rate("char-errors", "chars", s) for s in test_names}
     return Evaluation(label=label, wer=wer, cer=cer, predictions=[])
+
+
+def _last_line(text: str) -> str:
+    lines = [line for line in str(text).splitlines() if line.strip()]
+    return lines[-1][:300] if lines else "(no reason)"
