@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import socket
 import tempfile
 import time
 from pathlib import Path
@@ -20,12 +21,21 @@ from cl_fed.data.scenario import load_scenario
 from simulations.flower import flwr_run
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--scenario", default="default")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="cl-fed-demo-time-"))
-    env = {"CL_FED_CACHE": str(work / "cache"), "FLWR_HOME": str(work / "flwr-home")}
+    # its own local SuperLink on free ports: a SuperLink that is already running keeps the
+    # environment (and so the cache) it was started with
+    env = {"CL_FED_CACHE": str(work / "cache"), "FLWR_HOME": str(work / "flwr-home"),
+           "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(free_port()), "FLWR_LOCAL_CONTROL_API_PORT": str(free_port())}
     os.environ.update(env)  # this process generates nothing itself, but keep it consistent
     sites = len(load_scenario(args.scenario).sites)
     figures = []
@@ -34,6 +44,7 @@ def main() -> None:
         run_dir = flwr_run({"scenario": args.scenario, "output-dir": str(work / "runs")}, num_supernodes=sites,
                            env=env, stream=False)
         figures.append((label, time.perf_counter() - start, run_dir))
+    assert (work / "cache" / "speech").is_dir(), "the run did not use the benchmark's private cache"
     print(f"machine: {platform.node()} {os.cpu_count()} cores, {platform.processor() or platform.machine()}")
     for label, seconds, run_dir in figures:
         print(f"{label:>20}: {seconds / 60:5.1f} min  ({run_dir})")

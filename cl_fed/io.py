@@ -1,10 +1,23 @@
 """Atomic file writes: a crash mid-write never leaves a half file where a good one was."""
 
+import fcntl
 import json
 import os
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+
+@contextmanager
+def file_lock(lock_path: str | os.PathLike):
+    """An advisory lock: concurrent builders of one cache entry wait, then reuse it."""
+    with open(lock_path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:

@@ -19,7 +19,6 @@ existing dataset is reused at once. Every utterance draws from its own RNGs, see
 """
 
 import argparse
-import fcntl
 import hashlib
 import json
 import multiprocessing
@@ -28,7 +27,6 @@ import random
 import shutil
 import sys
 import tempfile
-from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache, partial
 from pathlib import Path
@@ -43,6 +41,7 @@ from cl_fed.data.acoustics import apply_site_acoustics
 from cl_fed.data.scenario import FOUNDATION, GENERATOR_VERSION, Conditions, Scenario, load_scenario
 from cl_fed.data.text import CODE_SWITCHED, make_utterance
 from cl_fed.data.utterance import Utterance
+from cl_fed.io import file_lock
 from cl_fed.paths import cache_root
 
 SAMPLE_RATE = 16000
@@ -176,15 +175,6 @@ def _summary(scenario: Scenario, fingerprint: str, records: list[dict]) -> dict:
             "counts": counts, "scenario": scenario.to_dict()}
 
 
-@contextmanager
-def _exclusive(lock_path: Path):
-    """Hold an advisory file lock, so concurrent generators of one dataset wait and then reuse it."""
-    with open(lock_path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _existing(final: Path, fingerprint: str) -> bool:
@@ -216,7 +206,7 @@ def generate(scenario: Scenario | str | Path, cache_dir: str | Path | None = Non
     if _existing(final, fingerprint):
         return final
     speech.mkdir(parents=True, exist_ok=True)
-    with _exclusive(speech / f".{fingerprint[:16]}.lock"):
+    with file_lock(speech / f".{fingerprint[:16]}.lock"):
         if _existing(final, fingerprint):  # another process finished it while we waited
             return final
         for stale in speech.glob(f"{_TMP_PREFIX}{fingerprint[:16]}-*"):  # left by an interrupted run

@@ -11,14 +11,12 @@ WER/CER on the foundation test split, wall seconds).
 from __future__ import annotations
 
 import dataclasses
-import fcntl
 import hashlib
 import json
 import os
 import shutil
 import tempfile
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -28,6 +26,7 @@ from cl_fed.data.scenario import FOUNDATION, Scenario, load_scenario
 from cl_fed.data.synth import generate
 from cl_fed.evaluate import evaluate
 from cl_fed.models.tiny import ENCODER_CONFIG, FEATURE_CONFIG, NAME, build_tiny
+from cl_fed.io import file_lock
 from cl_fed.paths import cache_root
 from cl_fed.train import FeatureCache, TrainConfig, train_local
 
@@ -74,7 +73,7 @@ def foundation_base(
     if (final / INFO_FILE).is_file():
         return final
     root.mkdir(parents=True, exist_ok=True)
-    with _exclusive(root / f".{key[:16]}.lock"):  # parallel clients wait for one trainer
+    with file_lock(root / f".{key[:16]}.lock"):  # parallel clients wait for one trainer
         if (final / INFO_FILE).is_file():
             return final
         if final.exists():  # no foundation.json: not a finished base
@@ -129,11 +128,3 @@ def _train(scenario: Scenario, dataset: Path, config: TrainConfig, seed: int, ou
     }
 
 
-@contextmanager
-def _exclusive(lock_path: Path):
-    with open(lock_path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
