@@ -25,7 +25,7 @@ from cl_fed.continual import evaluate_all, lora_spec, prepare_data, starting_mod
 from cl_fed.paths import runs_root
 from cl_fed.results import Evaluation, RunRecord
 from server.checkpoint import load_checkpoint, save_checkpoint
-from server.strategies import STRATEGY_CLASSES, ServerState, stack
+from server.strategies import STRATEGY_CLASSES, ServerState, last_line, stack
 
 app = ServerApp()
 log = logging.getLogger("cl_fed.server")
@@ -157,7 +157,7 @@ def federated_evaluation(grid, strategy, label, stages, adapters, weights, cfg) 
         for reply in grid.send_and_receive([message(node) for node in nodes], timeout=cfg.round_timeout):
             node = reply.metadata.src_node_id
             if reply.has_error():
-                print(f"[cl-fed] evaluation failed on node {node}: {_last_line(reply.error.reason)}", flush=True)
+                print(f"[cl-fed] evaluation failed on node {node}: {last_line(reply.error.reason)}", flush=True)
                 strategy.state.node_base.pop(node, None)  # next time: the full base
                 failed.append(node)
                 continue
@@ -175,7 +175,3 @@ def federated_evaluation(grid, strategy, label, stages, adapters, weights, cfg) 
     cer = {s: rate("char-errors", "chars", s) for s in test_names}
     return Evaluation(label=label, wer=wer, cer=cer, predictions=[])
 
-
-def _last_line(text: str) -> str:
-    lines = [line for line in str(text).splitlines() if line.strip()]
-    return lines[-1][:300] if lines else "(no reason)"

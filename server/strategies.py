@@ -23,7 +23,7 @@ from flwr.serverapp.strategy import FedAvg
 
 from cl_fed.centralize import AdapterPool, AdapterRejected, average_adapters, centralize, example_weights, state_bytes, validate_adapter
 from cl_fed.config import RunConfig
-from cl_fed.continual import state_checksum
+from cl_fed.continual import round_seed, state_checksum
 from cl_fed.schedule import Schedule
 
 log = logging.getLogger("cl_fed.server")
@@ -71,7 +71,7 @@ class ContinualStrategy(FedAvg):
 
     # ---- what each site is sent ---------------------------------------------------------------
     def adapter_seed(self) -> int:
-        return self.cfg.seed * 1_000_003 + self.stage * 1_009 + self.round
+        return round_seed(self.cfg, self.stage, self.round)
 
     def round_config(self) -> dict:
         return {"stage": self.stage, "round": self.round, "strategy": self.cfg.strategy,
@@ -120,7 +120,7 @@ class ContinualStrategy(FedAvg):
         for msg in errors:
             node = msg.metadata.src_node_id
             self.state.node_base.pop(node, None)  # unknown now: send the full base next time
-            dropped.append({"node": node, "reason": f"client error: {_first_line(msg.error.reason)}"})
+            dropped.append({"node": node, "reason": f"client error: {last_line(msg.error.reason)}"})
         answered = {m.metadata.src_node_id for m in replies}
         for node in self.round_log.get("sent_to", []):
             if node not in answered:
@@ -259,6 +259,7 @@ STRATEGY_CLASSES = {"centralization": Centralization, "fedavg": FedAvgFull, "fed
                     "local": Local}
 
 
-def _first_line(text: str) -> str:
+def last_line(text: str) -> str:
+    """The last non-empty line of an error reason (a traceback ends with the exception)."""
     lines = [line for line in str(text).strip().splitlines() if line.strip()]
     return lines[-1][:300] if lines else "(no reason)"
