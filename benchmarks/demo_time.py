@@ -12,19 +12,13 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import socket
 import tempfile
 import time
 from pathlib import Path
 
 from cl_fed.data.scenario import load_scenario
 from simulations.flower import flwr_run
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from simulations.superlink import private_superlink
 
 
 def main() -> None:
@@ -32,23 +26,20 @@ def main() -> None:
     parser.add_argument("--scenario", default="default")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="cl-fed-demo-time-"))
-    # its own local SuperLink on free ports: a SuperLink that is already running keeps the
-    # environment (and so the cache) it was started with
-    env = {"CL_FED_CACHE": str(work / "cache"), "FLWR_HOME": str(work / "flwr-home"),
-           "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(free_port()), "FLWR_LOCAL_CONTROL_API_PORT": str(free_port())}
-    os.environ.update(env)  # this process generates nothing itself, but keep it consistent
+    os.environ["CL_FED_CACHE"] = str(work / "cache")  # empty: the first run starts cold
     sites = len(load_scenario(args.scenario).sites)
     figures = []
-    for label in ("cold (empty cache)", "cached"):
-        start = time.perf_counter()
-        run_dir = flwr_run({"scenario": args.scenario, "output-dir": str(work / "runs")}, num_supernodes=sites,
-                           env=env, stream=False)
-        figures.append((label, time.perf_counter() - start, run_dir))
+    # its own SuperLink: one that is already running keeps the environment (and cache) it started with
+    with private_superlink(work, {"CL_FED_CACHE": str(work / "cache")}) as env:
+        for label in ("cold (empty cache)", "cached"):
+            start = time.perf_counter()
+            run_dir = flwr_run({"scenario": args.scenario, "output-dir": str(work / "runs")}, num_supernodes=sites,
+                               env=env, stream=False)
+            figures.append((label, time.perf_counter() - start, run_dir))
     assert (work / "cache" / "speech").is_dir(), "the run did not use the benchmark's private cache"
     print(f"machine: {platform.node()} {os.cpu_count()} cores, {platform.processor() or platform.machine()}")
     for label, seconds, run_dir in figures:
         print(f"{label:>20}: {seconds / 60:5.1f} min  ({run_dir})")
-    os.system("pkill -f 'flower-superlink.*" + str(work) + "' >/dev/null 2>&1")
 
 
 if __name__ == "__main__":

@@ -7,7 +7,9 @@ overrides in `simulations/`, and flags of the single-site runner (`--seed 1`). T
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+import re
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
 
 from cl_fed.schedule import Schedule, check_strategy, parse_schedule
 
@@ -16,6 +18,7 @@ EVALUATION_MODES = ("server", "federated")
 
 DEFAULTS: dict[str, object] = {
     "scenario": "default",  # packaged scenario name or path to a scenario YAML
+    "sites": 0,  # 0 = every site of the data; N = only its first N sites
     "model": "tiny-fastconformer-ctc",  # registry name, local model dir, or hub id (needs allow-download)
     "allow-download": False,
     "bad-rows": "raise",  # manifest rows with missing/corrupt/empty/too long audio or bad text: raise | skip
@@ -43,9 +46,27 @@ DEFAULTS: dict[str, object] = {
 }
 
 
+# Knobs a strategy does not use (see RunConfig.effective).
+IGNORED_BY = {
+    "centralization": ("full-lr",),
+    "local": ("full-lr",),
+    "fedavg-lora": ("full-lr", "merge", "centralize-every"),
+    "fedavg": ("lr", "merge", "centralize-every", "lora-rank", "lora-alpha", "lora-dropout"),
+}
+SCHEDULED_STRATEGIES = ("centralization", "local")
+NAMED_ELSEWHERE = ("scenario", "strategy", "merge", "centralize-every", "seed")
+NOT_IN_NAME = ("allow-download", "round-timeout", "output-dir", "run-name", "resume")  # do not change results
+
+
+def _name_part(value) -> str:
+    text = Path(value).stem if isinstance(value, str) and ("/" in value or "." in value) else str(value)
+    return re.sub(r"[^A-Za-z0-9.+-]+", "_", text)
+
+
 @dataclass(frozen=True)
 class RunConfig:
     scenario: str
+    sites: int
     model: str
     allow_download: bool
     bad_rows: str
@@ -75,12 +96,27 @@ class RunConfig:
         return parse_schedule(self.centralize_every, num_stages)
 
     def default_run_name(self) -> str:
-        from pathlib import Path
+        """`<scenario>-<strategy>[-every-<K>-<merge>][-<key><value>...]-seed<N>`: every knob that changes
+        the results and differs from its default is in the name, so runs never overwrite each other and
+        a rerun (resume, sweeps) finds its directory again."""
+        if self.run_name:
+            return self.run_name
+        cfg = self.effective()
+        name = f"{Path(cfg.scenario).stem}-{cfg.strategy}"
+        if cfg.strategy in SCHEDULED_STRATEGIES:
+            name += f"-every-{cfg.centralize_every}-{cfg.merge}"
+        values = cfg.to_dict()
+        for key, default in DEFAULTS.items():
+            if key in NAMED_ELSEWHERE or key in NOT_IN_NAME or values[key] == default:
+                continue
+            name += f"-{key}{_name_part(values[key])}"
+        return f"{name}-seed{cfg.seed}"
 
-        scenario = Path(self.scenario).stem
-        every = str(self.centralize_every)
-        schedule = "" if self.strategy != "centralization" else f"-every-{every}-{self.merge}"
-        return self.run_name or f"{scenario}-{self.strategy}{schedule}-seed{self.seed}"
+    def effective(self) -> "RunConfig":
+        """The same run with the knobs its strategy ignores at their defaults (fedavg has no
+        schedule or LoRA; fedavg-lora never merges; LoRA strategies have no full-lr), so that
+        configurations that train the same way compare (and deduplicate) as equal."""
+        return replace(self, **{key.replace("-", "_"): DEFAULTS[key] for key in IGNORED_BY[self.strategy]})
 
     def to_dict(self) -> dict:
         return {f.name.replace("_", "-"): getattr(self, f.name) for f in fields(self)}
@@ -126,6 +162,8 @@ def make_config(overrides: dict | None = None, *, source: str = "run config") ->
         raise ValueError(f"{source}: bad-rows={cfg.bad_rows!r}; choose raise or skip")
     if cfg.weighting not in ("examples", "uniform"):
         raise ValueError(f"{source}: weighting={cfg.weighting!r}; choose examples or uniform")
+    if cfg.sites < 0:
+        raise ValueError(f"{source}: sites={cfg.sites!r} must be >= 1 (or 0 for every site of the data)")
     for key in ("rounds-per-stage", "local-epochs", "batch-size"):
         if values[key] < 1:
             raise ValueError(f"{source}: {key}={values[key]!r} must be >= 1")
@@ -137,4 +175,5 @@ def make_config(overrides: dict | None = None, *, source: str = "run config") ->
     every = str(cfg.centralize_every).strip().lower()
     if every not in ("round", "stage"):  # the divisibility check needs the scenario: done in schedule()
         parse_schedule(every, num_stages=max(1, int(every)) if every.isdigit() else 1)
-    return cfg
+    every = "stage" if every == "1" else str(int(every)) if every.isdigit() else every  # one spelling per schedule
+    return replace(cfg, centralize_every=every)

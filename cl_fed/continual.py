@@ -37,9 +37,18 @@ def prepare_data(cfg: RunConfig, progress: bool = True) -> tuple[Scenario | None
                                            max_seconds=cfg.max_seconds or None)
         if progress and stream.load_summary is not None and stream.load_summary.num_skipped:
             print(f"[cl-fed] {stream.load_summary.format()}", flush=True)
-        return None, stream
+        return None, first_sites(stream, cfg.sites)
     scenario = load_scenario(cfg.scenario)
-    return scenario, StageStream.from_dataset_dir(generate(scenario, progress=progress))
+    return scenario, first_sites(StageStream.from_dataset_dir(generate(scenario, progress=progress)), cfg.sites)
+
+
+def first_sites(stream: StageStream, count: int) -> StageStream:
+    """The run config's `sites`: 0 keeps every site, N the data's first N (fewer factories, same stages)."""
+    if count == 0 or count == len(stream.sites):
+        return stream
+    if count > len(stream.sites):
+        raise ValueError(f"sites={count}, but {stream.source} has only {len(stream.sites)} sites: {stream.sites}")
+    return stream.with_sites(stream.sites[:count])
 
 
 def starting_model(cfg: RunConfig, scenario: Scenario | None, progress: bool = True) -> SpeechModel:

@@ -7,7 +7,7 @@
         report.md               a human summary
 
 Row i of a matrix is the evaluation after training through stage i; column j is stage j's test
-set. `initial_wer` is the starting base on every stage's test set (row "before stage 0"), which
+set (the joint-training upper bound, schedule mode "joint", has a single row). `initial_wer` is the starting base on every stage's test set (row "before stage 0"), which
 forward transfer needs. Everything in results.json can be recomputed from the predictions.
 """
 
@@ -66,9 +66,13 @@ class RunRecord:
     def to_json(self) -> dict:
         wer_matrix, cer_matrix = self.matrix("wer"), self.matrix("cer")
         initial_wer = [self.initial.wer[s] for s in self.stages] if self.initial else None
-        complete = len(self.after_stage) == len(self.stages)
+        joint = self.schedule.get("mode") == "joint"  # one model trained on everything: one row
+        complete = len(self.after_stage) == (1 if joint else len(self.stages))
         try:  # a test set nobody could score (NaN) leaves the metrics undefined, not the run lost
-            metrics = continual_metrics(wer_matrix, initial=initial_wer) if complete else None
+            metrics = continual_metrics(wer_matrix, initial=initial_wer) if complete and not joint else None
+            if complete and joint:
+                metrics = {"awer": continual_metrics([wer_matrix[0]] * len(self.stages))["awer"], "new_stage_wer": None,
+                           "bwt": None, "forgetting": None, "fwt": None, "intransigence": None}
         except ValueError:
             metrics = None
         extra = sorted({k for e in self.after_stage for k in e.wer} - set(self.stages))
@@ -156,7 +160,8 @@ def render_report(data: dict) -> str:
     ]
     if data.get("initial_wer"):
         lines.append("| (initial base) | " + " | ".join(_fmt(v) for v in data["initial_wer"]) + " |")
-    for stage, row in zip(stages, data["wer_matrix"]):
+    labels = ["all stages at once (joint)"] if data["schedule"].get("mode") == "joint" else stages
+    for stage, row in zip(labels, data["wer_matrix"]):
         lines.append(f"| {stage} | " + " | ".join(_fmt(v) for v in row) + " |")
     m = data.get("metrics") or {}
     lines += [

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from cl_fed.adapters import adapter_state, attach_lora, base_state, load_base_state, reset_adapters
@@ -106,6 +107,46 @@ def run_single_site(cfg: RunConfig, site: str = "all", progress: bool = True) ->
             load_base_state(speech.model, pending)
         row = record.after_stage[-1].wer
         _say(progress, f"[cl-fed] after {stage}: WER " + ", ".join(f"{k} {v:.1f}" for k, v in row.items()))
+    record.wall_seconds = time.perf_counter() - start
+    speech.save(run_dir / "model")
+    record.write(run_dir)
+    _say(progress, f"[cl-fed] results: {(run_dir / 'results.json').resolve()}")
+    return run_dir
+
+
+def joint_run_name(cfg: RunConfig) -> str:
+    """`<scenario>-joint[-<key><value>...]-seed<N>`: the fedavg name of the same settings, renamed."""
+    if cfg.run_name:
+        return cfg.run_name
+    name = replace(cfg, strategy="fedavg").default_run_name()
+    scenario = Path(cfg.scenario).stem
+    return f"{scenario}-joint{name[len(scenario) + len('-fedavg'):]}"
+
+
+def run_joint(cfg: RunConfig, progress: bool = True) -> Path:
+    """The joint-training upper bound: every site's data of every stage at once, centralized, full
+    fine-tuning (full-lr) for as many passes over each utterance as the continual runs make
+    (rounds-per-stage x local-epochs). Not rehearsal-free by design; one evaluation at the end."""
+    start = time.perf_counter()
+    scenario, stream = prepare_data(cfg, progress=progress)
+    speech = starting_model(cfg, scenario, progress=progress)
+    sets = test_sets(stream)
+    cfg = replace(cfg, strategy="fedavg").effective()  # full fine-tuning: no schedule, no LoRA knobs
+    run_name = joint_run_name(cfg)
+    run_dir = Path(cfg.output_dir or runs_root()) / run_name
+    record = RunRecord(run_name=run_name, strategy="joint", schedule={"mode": "joint"},
+                       config={**cfg.to_dict(), "mode": "joint"}, stages=stream.stages)
+    _say(progress, f"[cl-fed] joint training on all {len(stream.stages)} stages of {len(stream.sites)} sites at once")
+    record.initial = evaluate_all(speech, sets, "initial")
+    data = [u for s in stream.sites for t in range(len(stream.stages)) for u in stream.site(s).enter(t)]
+    for r in range(cfg.rounds_per_stage):
+        result = train_local(speech, data, train_config(cfg, full=True, seed=round_seed(cfg, 0, r), progress=progress))
+        record.rounds.append({"stage": None, "stage_name": "all", "round": r, "loss": result.loss,
+                              "num_examples": result.num_examples, "audio_seconds": result.audio_seconds,
+                              "seconds": result.wall_seconds, "bytes_up": 0, "bytes_down": 0,
+                              "clients_used": ["all"], "clients_dropped": [], "merged": False})
+        _say(progress, f"[cl-fed] joint round {r + 1}/{cfg.rounds_per_stage}: loss {result.loss:.3f}")
+    record.after_stage.append(evaluate_all(speech, sets, "joint"))
     record.wall_seconds = time.perf_counter() - start
     speech.save(run_dir / "model")
     record.write(run_dir)

@@ -6,64 +6,27 @@ after a round and resumed ends exactly like an uninterrupted one.
 """
 
 import json
-import os
-import signal
-import socket
-import subprocess
-import time
 from pathlib import Path
 
-import httpx
 import pytest
 
 from cl_fed.data.stream import StageStream
 from cl_fed.data.synth import generate
 from cl_fed.metrics import continual_metrics
 from cl_fed.results import recompute_matrices
-from simulations.flower import BIN, FlowerRunError, flower_env, flwr_run
+from simulations.flower import FlowerRunError, flwr_run
+from simulations.superlink import private_superlink
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def flower(tmp_path_factory):
-    home = tmp_path_factory.mktemp("flwr-home")
     work = tmp_path_factory.mktemp("flower")
-    port, control = _free_port(), _free_port()
-    env = flower_env({
-        "FLWR_HOME": str(home),
-        "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(port),
-        "FLWR_LOCAL_CONTROL_API_PORT": str(control),
-        "CL_FED_AUDIT_DIR": str(work / "audit"),
-        "CL_FED_FAULTS_FILE": str(work / "faults.json"),
-    })
-    superlink = subprocess.Popen(
-        [str(BIN / "flower-superlink"), "--insecure", "--simulation", "--isolation", "subprocess",
-         "--control-api-address", f"127.0.0.1:{control}", "--host", "127.0.0.1", "--port", str(port),
-         "--log-file", str(work / "superlink.log")],
-        env=env, cwd=work, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    for _ in range(300):
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=0.5).is_success:
-                break
-        except httpx.HTTPError:
-            time.sleep(0.2)
-    else:
-        superlink.kill()
-        pytest.fail("the SuperLink did not start")
-    yield {"env": env, "work": work}
-    superlink.terminate()
-    try:
-        superlink.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        os.killpg(superlink.pid, signal.SIGKILL)
+    with private_superlink(work, {"CL_FED_AUDIT_DIR": str(work / "audit"),
+                                  "CL_FED_FAULTS_FILE": str(work / "faults.json")}) as env:
+        yield {"env": env, "work": work}
 
 
 def run(flower, faults=None, **overrides):

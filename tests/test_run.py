@@ -9,7 +9,7 @@ from cl_fed.config import make_config
 from cl_fed.metrics import continual_metrics
 from cl_fed.models.registry import load_model
 from cl_fed.results import recompute_matrices
-from cl_fed.run import main, run_single_site
+from cl_fed.run import main, run_joint, run_single_site
 
 
 @pytest.mark.slow
@@ -31,6 +31,23 @@ def test_single_site_runner_writes_consistent_results(tmp_path, every):
     final = load_model(run_dir / "model")
     assert sum(p.numel() for p in final.model.parameters()) > 1_000_000
     assert "foundation" in results["other_test_sets"]
+
+
+@pytest.mark.slow
+def test_joint_upper_bound_trains_once_on_every_stage(tmp_path):
+    cfg = make_config({"scenario": "tiny", "rounds-per-stage": 2, "strategy": "centralization", "lora-rank": 4,
+                       "output-dir": str(tmp_path)})
+    run_dir = run_joint(cfg, progress=False)
+    assert run_dir.name == "tiny-joint-seed0"  # full fine-tuning: LoRA and schedule knobs do not apply
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["complete"] and results["schedule"] == {"mode": "joint"}
+    assert len(results["wer_matrix"]) == 1 and len(results["wer_matrix"][0]) == 2  # one model, every test set
+    assert results["metrics"]["awer"] == pytest.approx(sum(results["wer_matrix"][0]) / 2)
+    assert results["metrics"]["bwt"] is None  # forgetting is undefined for a model trained once
+    # both rounds saw every site's data of both stages
+    assert [r["num_examples"] for r in results["rounds"]] == [32, 32]
+    wer, cer = recompute_matrices(run_dir)
+    assert wer == results["wer_matrix"] and cer == results["cer_matrix"]
 
 
 def test_unknown_site_and_strategy_are_clear_errors(tmp_path):

@@ -68,6 +68,7 @@ class StageStream:
         """`stages`: order of the stream (default: order of first appearance); `sites` (default: all
         sites with train rows, sorted). Rows of stages or sites not listed are left out."""
         rows = list(utterances)
+        self._rows = rows
         self.source = source
         self.load_summary = load_summary
         self._foundation = [u for u in rows if u.stage == FOUNDATION]
@@ -106,6 +107,10 @@ class StageStream:
         untested = [stage for stage, test in self._test.items() if not test]
         if untested:
             raise StreamError(f"{source}: stage(s) {untested} have no test rows; every stage needs a test set")
+
+    def with_sites(self, sites: list[str]) -> "StageStream":
+        """The same stream restricted to these sites (test sets unchanged)."""
+        return StageStream(self._rows, self.stages, sites, source=self.source, load_summary=self.load_summary)
 
     def _pick_stages(self, stages: list[str] | None, present: list[str]) -> list[str]:
         if stages is None:

@@ -1,0 +1,1 @@
+"""Hydra configs of simulations.sweep (a package so hydra finds them as pkg://simulations.conf)."""

@@ -1,0 +1,60 @@
+"""Hydra sweeps through real `flwr run` simulations: every combination once, resumable, reportable."""
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from cl_fed.config import DEFAULTS
+from cl_fed.results import recompute_matrices
+from simulations.report import write_report
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_sweep_config_is_the_run_config():
+    import simulations.sweep  # noqa: F401  registers the `run` defaults from DEFAULTS
+
+    with initialize_config_dir(version_base="1.3", config_dir=str(ROOT / "simulations" / "conf")):
+        conf = compose(config_name="sweep", overrides=["seed=3", "centralize-every=2", "lora-rank=16"])
+    values = {k: conf[k] for k in DEFAULTS}
+    assert values == {**DEFAULTS, "seed": 3, "centralize-every": 2, "lora-rank": 16}
+    assert conf.mode == "federated" and conf.sweep == "default"
+
+
+def test_unknown_mode_is_a_clear_error(tmp_path):
+    from simulations.sweep import run_one
+
+    with pytest.raises(ValueError, match="mode='paper'"):
+        run_one({"scenario": "tiny"}, "paper", tmp_path)
+
+
+@pytest.mark.slow
+def test_sweep_runs_each_distinct_run_once_and_resumes(tmp_path):
+    command = [sys.executable, "-m", "simulations.sweep", "-m", "scenario=tiny", "strategy=fedavg-lora,fedavg",
+               "centralize-every=round,stage", "rounds-per-stage=1", f"output-dir={tmp_path}"]
+    first = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    # neither strategy uses a schedule: 4 combinations, 2 distinct runs
+    names = sorted(p.parent.name for p in tmp_path.glob("*/results.json"))
+    assert names == ["tiny-fedavg-lora-rounds-per-stage1-seed0", "tiny-fedavg-rounds-per-stage1-seed0"]
+    assert "[sweep 4/4]" in first.stdout and first.stdout.count("already complete, not run again") == 2
+    # rerunning the same command runs nothing again
+    again = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and again.stdout.count("already complete, not run again") == 4
+    # the report's numbers are the runs' numbers, which recompute from their predictions
+    write_report(tmp_path)
+    table = {row["run"]: row for row in csv.DictReader((tmp_path / "comparison.csv").open())}
+    for name in names:
+        results = json.loads((tmp_path / name / "results.json").read_text())
+        assert results["config"]["rounds-per-stage"] == 1 and results["complete"]
+        assert recompute_matrices(tmp_path / name)[0] == results["wer_matrix"]
+        row = table[name.removeprefix("tiny-").removesuffix("-seed0")]
+        assert float(row["awer_mean"]) == pytest.approx(results["metrics"]["awer"], abs=1e-4)
+        assert float(row["bytes_up_mean"]) == pytest.approx(results["bytes_up"] / 1e6, rel=1e-4)
+    bytes_up = {name: float(row["bytes_up_mean"]) for name, row in table.items()}
+    assert bytes_up["fedavg-rounds-per-stage1"] > 5 * bytes_up["fedavg-lora-rounds-per-stage1"]
