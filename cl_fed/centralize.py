@@ -98,13 +98,22 @@ def _check_factors(As: list[torch.Tensor], Bs: list[torch.Tensor], what: str) ->
 def product_delta(
     As: list[torch.Tensor], Bs: list[torch.Tensor], weights: list[float], scale: float
 ) -> torch.Tensor:
-    """Exact mean update scale * sum_i p_i B_i A_i (float64; ranks may differ between adapters)."""
+    """Exact mean update scale * sum_i p_i B_i A_i (float64; ranks may differ between adapters).
+
+    Server and sites must compute the very same bits (sites check the merged base's checksum),
+    whatever their thread counts: so one plain matmul per client, summed in client order, in a
+    reused buffer (the same operations as `delta += p * (B @ A)` without its temporaries). Neither
+    one matmul over the concatenated factors nor `addmm_` keeps the bits fixed across thread
+    counts with MKL (measured; see benchmarks/centralize_speed.py for the timings).
+    """
     _check_factors(As, Bs, "product_delta")
     _check_weights(weights, len(As), "product_delta")
     delta = torch.zeros(Bs[0].shape[0], As[0].shape[1], dtype=torch.float64, device=As[0].device)
+    product = torch.empty_like(delta)
     for weight, a, b in zip(weights, As, Bs):
-        delta += weight * (b.to(torch.float64) @ a.to(delta))
-    return scale * delta
+        torch.mm(b.to(delta), a.to(delta), out=product)
+        delta.add_(product.mul_(weight))
+    return delta.mul_(scale)
 
 
 def factors_delta(
@@ -121,7 +130,7 @@ def factors_delta(
             )
     mean_a = sum(w * a.to(torch.float64) for w, a in zip(weights, As))
     mean_b = sum(w * b.to(torch.float64) for w, b in zip(weights, Bs))
-    return scale * (mean_b @ mean_a)
+    return torch.mm(mean_b, mean_a).mul_(scale)
 
 
 def centralize(
@@ -160,7 +169,7 @@ def centralize(
                 f"centralize: update for {key!r} is {tuple(delta.shape)}, "
                 f"weight is {tuple(weight.shape)}"
             )
-        merged[key] = (weight.to(torch.float64) + delta).to(weight.dtype)
+        merged[key] = delta.add_(weight).to(weight.dtype)  # in float64, rounded to the base dtype once
     return merged
 
 

@@ -59,6 +59,7 @@ class RunRecord:
     after_stage: list[Evaluation] = field(default_factory=list)
     rounds: list[dict] = field(default_factory=list)
     wall_seconds: float = 0.0
+    privacy: dict | None = None  # DP runs: cl_fed.privacy.privacy_report after the last round
 
     def matrix(self, kind: str) -> list[list[float]]:
         return [[getattr(e, kind)[s] for s in self.stages] for e in self.after_stage]
@@ -98,6 +99,7 @@ class RunRecord:
             "bytes_up": sum(r.get("bytes_up", 0) for r in self.rounds),
             "bytes_down": sum(r.get("bytes_down", 0) for r in self.rounds),
             "wall_seconds": round(self.wall_seconds, 3),
+            **({"privacy": self.privacy} if self.privacy else {}),
         }
 
     def write(self, run_dir: str | Path) -> Path:
@@ -185,4 +187,16 @@ def render_report(data: dict) -> str:
         f"- bytes up: {data['bytes_up']:,}  bytes down: {data['bytes_down']:,}",
         "",
     ]
+    privacy = data.get("privacy")
+    if privacy:
+        lines += [
+            "## Differential privacy",
+            "",
+            f"- ({privacy['epsilon']:.3g}, {privacy['delta']:g})-DP per {privacy['unit']}, "
+            f"after {privacy['rounds']} noised aggregations",
+            f"- noise multiplier {privacy['noise_multiplier']:g}, clipping norm {privacy['clipping_norm']:g}, "
+            f"sampling: {privacy['sampling']}",
+            f"- accountant: {privacy['accountant']}",
+            "",
+        ]
     return "\n".join(lines)

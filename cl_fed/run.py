@@ -40,6 +40,7 @@ def run_single_site(cfg: RunConfig, site: str = "all", progress: bool = True) ->
     if cfg.strategy not in SINGLE_SITE_STRATEGIES:
         raise ValueError(f"strategy={cfg.strategy!r} needs several sites; the single-site runner "
                          f"takes {', '.join(SINGLE_SITE_STRATEGIES)}")
+    refuse_privacy(cfg)
     start = time.perf_counter()
     scenario, stream = prepare_data(cfg, progress=progress)
     stages = stream.stages
@@ -114,6 +115,13 @@ def run_single_site(cfg: RunConfig, site: str = "all", progress: bool = True) ->
     return run_dir
 
 
+def refuse_privacy(cfg: RunConfig) -> None:
+    """Differential privacy is site-level noise on the federated mean; one site has no mean to noise."""
+    if cfg.dp_noise:
+        raise ValueError(f"dp-noise={cfg.dp_noise!r}: differential privacy applies to federated runs only "
+                         "(`flwr run`); the single-site and joint runners have no federation to protect")
+
+
 def joint_run_name(cfg: RunConfig) -> str:
     """`<scenario>-joint[-<key><value>...]-seed<N>`: the fedavg name of the same settings, renamed."""
     if cfg.run_name:
@@ -131,6 +139,7 @@ def run_joint(cfg: RunConfig, progress: bool = True) -> Path:
     scenario, stream = prepare_data(cfg, progress=progress)
     speech = starting_model(cfg, scenario, progress=progress)
     sets = test_sets(stream)
+    refuse_privacy(cfg)
     cfg = replace(cfg, strategy="fedavg").effective()  # full fine-tuning: no schedule, no LoRA knobs
     run_name = joint_run_name(cfg)
     run_dir = Path(cfg.output_dir or runs_root()) / run_name

@@ -6,16 +6,20 @@ Train message (from server/strategies.py) -> this site:
     base:     the full base (sync = "full")          merge: the adapters to merge (sync = "merge")
     adapter:  the adapter to continue from (else a fresh one from adapter-seed)
 Reply: arrays = LoRA factors (or all weights for fedavg) in fp32, metrics = num-examples, loss,
-audio seconds; site = the site's name and base checksum. Never audio, features or transcripts.
+audio seconds, rows-skipped (bad manifest rows the site's data left out under bad-rows=skip);
+site = the site's name and base checksum. Never audio, features or transcripts.
 """
 
 from __future__ import annotations
 
+import copy
 import time
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.clientapp.mod import fixedclipping_mod
+from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from cl_fed.adapters import adapter_state, load_adapter_state, reset_adapters
 from cl_fed.centralize import AdapterPool, centralize
@@ -29,7 +33,27 @@ from cl_fed.train import train_local
 from clients.audit import audit_messages
 from clients.site import Site, StaleBase, load_site
 
-app = ClientApp(mods=[audit_messages])
+
+def clip_adapter_update(msg: Message, context: Context, call_next) -> Message:
+    """Differential privacy (dp-noise > 0): Flower's fixedclipping_mod clips the site's update (the
+    returned factors minus the adapter it received) to the norm the server sends.
+
+    That mod takes the message's only ArrayRecord as the model the update starts from; ours may also
+    carry the base or a merge instruction, so it is handed a view holding just the starting adapter
+    and the clipping norm, and the app itself still gets the whole message. Other messages (DP off,
+    evaluation) pass through untouched."""
+    config = msg.content.config_records.get("config") if msg.has_content() else None
+    if msg.metadata.message_type != MessageType.TRAIN or config is None or KEY_CLIPPING_NORM not in config:
+        return call_next(msg, context)
+    if "adapter" not in msg.content.array_records:
+        raise ValueError("clip_adapter_update: a DP train message must carry the adapter the site starts from")
+    view = Message(RecordDict({"adapter": msg.content["adapter"],
+                               "config": ConfigRecord({KEY_CLIPPING_NORM: config[KEY_CLIPPING_NORM]})}),
+                   metadata=copy.copy(msg.metadata))
+    return fixedclipping_mod(view, context, lambda _view, ctx: call_next(msg, ctx))
+
+
+app = ClientApp(mods=[audit_messages, clip_adapter_update])  # the audit sees what really leaves the site
 
 
 def _tensors(record: ArrayRecord) -> dict[str, torch.Tensor]:
@@ -103,6 +127,7 @@ def train(msg: Message, context: Context) -> Message:
         "train-loss": float(result.loss),
         "audio-seconds": float(result.audio_seconds),
         "train-seconds": float(result.wall_seconds),
+        "rows-skipped": site.stream.load_summary.num_skipped if site.stream.load_summary else 0,
     })
     state = ConfigRecord({"site": site.name, "base-checksum": site.checksum})
     reply = RecordDict({"arrays": ArrayRecord(arrays), "metrics": metrics, "site": state})

@@ -3,12 +3,17 @@
 Simulation workers are reused between rounds but not pinned to sites, and the Deployment Engine
 starts a fresh process per message, so the in-process cache is only a shortcut: the base a site
 holds is also kept on disk (atomically) under the site's own cache directory.
+
+Which data a node trains on: the run config's `scenario`, unless the node config has `data` (a
+Deployment-Engine SuperNode pointing at its own local data: an absolute manifest path, a scenario
+YAML path or a packaged scenario name), which overrides it for that node only. The server still
+evaluates on the test sets of the run config's scenario (server evaluation).
 """
 
 from __future__ import annotations
 
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -64,15 +69,38 @@ class Site:
 _SITES: dict[tuple, Site] = {}
 
 
+def node_data(cfg: RunConfig, node_config: dict) -> RunConfig:
+    """The run config with node config `data` (this SuperNode's own data), if any, as its scenario.
+
+    A path must be absolute: the ClientApp runs from Flower's app directory, not the SuperNode's."""
+    if "data" not in node_config:
+        return cfg
+    data = str(node_config["data"]).strip()
+    if "/" in data or Path(data).suffix:
+        path = Path(data).expanduser()
+        if not path.is_absolute():
+            raise ValueError(f"node-config data={data!r}: give an absolute path (the ClientApp does not run "
+                             "in the SuperNode's working directory)")
+        if not path.is_file():
+            raise FileNotFoundError(f"node-config data={data!r}: no such file")
+        data = str(path)
+    return replace(cfg, scenario=data)
+
+
 def site_name(node_config: dict, stream: StageStream) -> str:
-    """`site` from the node config (deployment), else the partition id's site (simulation)."""
+    """`site` from the node config (deployment), else the partition id's site (simulation), else the
+    data's only site (a SuperNode whose own data holds one site)."""
     if "site" in node_config:
         name = str(node_config["site"])
         if name not in stream.sites:
-            raise ValueError(f"node-config site={name!r} is not in the data; sites: {', '.join(stream.sites)}")
+            raise ValueError(f"node-config site={name!r} is not in the data ({stream.source}); "
+                             f"sites: {', '.join(stream.sites)}")
         return name
     if "partition-id" not in node_config:
-        raise ValueError("node config needs 'site' (deployment) or 'partition-id' (simulation)")
+        if len(stream.sites) == 1:
+            return stream.sites[0]
+        raise ValueError(f"node config needs 'site' (deployment) or 'partition-id' (simulation): "
+                         f"the data ({stream.source}) has {len(stream.sites)} sites: {', '.join(stream.sites)}")
     index = int(node_config["partition-id"])
     if not 0 <= index < len(stream.sites):
         raise ValueError(f"partition-id={index} but the data has {len(stream.sites)} sites")
@@ -87,7 +115,13 @@ def load_site(cfg: RunConfig, node_config: dict, run_key: str, run_id: int) -> S
     key = (run_key, run_id, tuple(sorted((k, str(v)) for k, v in node_config.items())))
     if key in _SITES:
         return _SITES[key]
-    _, stream = prepare_data(cfg, progress=False)
+    cfg = node_data(cfg, node_config)
+    try:
+        _, stream = prepare_data(cfg, progress=False)
+    except (OSError, ValueError) as error:
+        if "data" not in node_config:
+            raise
+        raise ValueError(f"node-config data={node_config['data']!r}: {error}") from error
     name = site_name(node_config, stream)
     # the architecture only: the weights come from the server (full base) or from disk
     speech = build_model(cfg.model, allow_download=cfg.allow_download, seed=cfg.seed)

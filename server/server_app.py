@@ -11,6 +11,7 @@ round, and `resume=true` continues an interrupted run.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -19,10 +20,11 @@ from flwr.serverapp import Grid, ServerApp
 
 from cl_fed.adapters import LoraSpec, adapter_state, attach_lora
 from cl_fed.centralize import centralize
-from cl_fed.config import make_config
+from cl_fed.config import RunConfig, make_config
 from cl_fed.faults import InjectedCrash, stop_after_round
 from cl_fed.continual import evaluate_all, lora_spec, prepare_data, starting_model, state_checksum, test_sets
 from cl_fed.paths import runs_root
+from cl_fed.privacy import privacy_report
 from cl_fed.results import Evaluation, RunRecord
 from server.checkpoint import load_checkpoint, save_checkpoint
 from server.strategies import STRATEGY_CLASSES, ServerState, last_line, stack
@@ -81,6 +83,8 @@ def main(grid: Grid, context: Context) -> None:
         log.warning("resuming %s at stage %d round %d", run_name, *position)
         print(f"[cl-fed] resuming {run_name} at stage {position[0] + 1} round {position[1] + 1}", flush=True)
     strategy = STRATEGY_CLASSES[cfg.strategy](cfg, schedule, state, reference, spec.scale, len(stream.sites))
+    if strategy.dp:
+        strategy.fresh_adapter = lambda seed: fresh_adapter(speech, spec, seed)
 
     def evaluate(label: str) -> Evaluation:
         adapters, weights = strategy.pending()
@@ -109,10 +113,13 @@ def main(grid: Grid, context: Context) -> None:
             entry["loss"] = (sum(l * n for l, n in zip(entry["losses"], entry["num_examples"]))
                              / max(sum(entry["num_examples"]), 1)) if entry["losses"] else None
             record.rounds.append(entry)
+            if cfg.dp_noise:
+                record.privacy = privacy_now(cfg, record.rounds)
             print(f"[cl-fed] stage {t + 1}/{len(stages)} {stages[t]} round {r + 1}/{cfg.rounds_per_stage}: "
                   f"{len(entry['clients_used'])} sites used, {len(entry['clients_dropped'])} dropped, "
                   f"loss {entry['loss'] if entry['loss'] is not None else float('nan'):.3f}"
-                  f"{', merged into the base' if entry['merged'] else ''}", flush=True)
+                  f"{', merged into the base' if entry['merged'] else ''}"
+                  f"{privacy_line(record.privacy) if cfg.dp_noise else ''}", flush=True)
             last = r == cfg.rounds_per_stage - 1
             if not last:
                 save_checkpoint(run_dir / "checkpoint.pt", state, record, (t, r + 1))
@@ -127,6 +134,30 @@ def main(grid: Grid, context: Context) -> None:
     speech.save(run_dir / "model")
     record.write(run_dir)
     print(f"[cl-fed] results: {(run_dir / 'results.json').resolve()}", flush=True)
+
+
+def fresh_adapter(speech, spec, seed: int) -> dict:
+    """The adapter a site's reset_adapters(seed) draws, drawn by the same code on the server's model
+    (which evaluates without LoRA, so the adapter is detached again)."""
+    probe = attach_lora(speech.model, spec, seed=seed)
+    try:
+        return adapter_state(probe)
+    finally:
+        speech.model = probe.unload()
+
+
+def privacy_now(cfg: RunConfig, rounds: list[dict]) -> dict:
+    """The privacy spent so far: one Gaussian release per round whose updates were noised. It derives
+    from the checkpointed round log alone, so a resumed run reports what an uninterrupted one does."""
+    source = "run seed and round" + (" and the server's CL_FED_DP_SECRET" if os.environ.get("CL_FED_DP_SECRET") else
+                                     " (reproducible by anyone who knows the run config; set CL_FED_DP_SECRET on "
+                                     "the server to keep the noise secret)")
+    steps = sum(r.get("dp_noise_std") is not None for r in rounds)
+    return privacy_report(cfg.dp_noise, cfg.dp_clip, cfg.dp_delta, cfg.fraction_train, steps, source)
+
+
+def privacy_line(privacy: dict) -> str:
+    return f", DP epsilon {privacy['epsilon']:.3g} at delta {privacy['delta']:g}"
 
 
 def crash_if_injected(server_round: int) -> None:

@@ -9,21 +9,35 @@ to each site and what the server does with the replies.
 Every train message names the base the site must hold (its checksum). A site whose base the
 server knows to be one merge behind gets the merge instruction (the adapters and weights);
 any other site gets the full base.
+
+Differential privacy (`dp-noise` > 0; the math in cl_fed/privacy.py): every train message carries
+the clipping norm under Flower's key and the adapter the site starts from (a fresh one too), the
+site's `fixedclipping_mod` clips its update to it, the server clips again (a site without the mod
+cannot exceed the bound) and replaces the round's updates by their noised mean before anything
+is averaged, pooled or merged. Flower's `DifferentialPrivacyClientSideFixedClipping` wrapper is
+not used: it only noises the ArrayRecord a strategy's aggregate_train returns, and ours return
+none (they update averages, pools and the base in place); its noise comes from the unseeded global
+NumPy RNG (a run must be reproducible under its seed); one failed site makes it skip the whole
+round, where ours drop that site; and its accountant accepts only FedAvg.aggregate_train.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
+from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from cl_fed.centralize import AdapterPool, AdapterRejected, average_adapters, centralize, example_weights, state_bytes, validate_adapter
 from cl_fed.config import RunConfig
 from cl_fed.continual import round_seed, state_checksum
+from cl_fed.privacy import clip_update, noise_seed, noise_std, noised_mean, update_norm
 from cl_fed.schedule import Schedule
 
 log = logging.getLogger("cl_fed.server")
@@ -60,23 +74,46 @@ class ContinualStrategy(FedAvg):
 
     def __init__(self, cfg: RunConfig, schedule: Schedule, state: ServerState, reference: dict, scale: float,
                  num_sites: int):
+        # the ServerApp waits for every site before the first round (wait_for_sites); after that a
+        # site that is gone (a killed SuperNode) must not stall the run, so rounds go on with those online
         super().__init__(fraction_train=cfg.fraction_train, fraction_evaluate=1.0,
-                         min_train_nodes=1, min_evaluate_nodes=1, min_available_nodes=num_sites)
+                         min_train_nodes=1, min_evaluate_nodes=1, min_available_nodes=1)
         self.cfg, self.schedule, self.state = cfg, schedule, state
         self.reference = reference  # expected key -> shape of a reply's arrays
         self.scale = scale
         self.stage = self.round = 0
         self.last_round_of_stage = False
         self.round_log: dict = {}
+        self.dp = cfg.dp_noise > 0
+        # DP: the adapter a site's reset_adapters(seed) starts from (set by the ServerApp, which has the model)
+        self.fresh_adapter: Callable[[int], dict[str, torch.Tensor]] | None = None
+        self.round_start: dict[str, torch.Tensor] | None = None  # what this round's sites start from
+        self.sent: list[Message] = []  # this round's train messages (their ids are set when pushed)
 
     # ---- what each site is sent ---------------------------------------------------------------
     def adapter_seed(self) -> int:
         return round_seed(self.cfg, self.stage, self.round)
 
     def round_config(self) -> dict:
-        return {"stage": self.stage, "round": self.round, "strategy": self.cfg.strategy,
-                "adapter-seed": self.adapter_seed(), "fresh-adapter": self.state.adapter is None,
-                "merge-now": False, "pool-now": False, "pool-size": 1}
+        config = {"stage": self.stage, "round": self.round, "strategy": self.cfg.strategy,
+                  "adapter-seed": self.adapter_seed(), "fresh-adapter": self.state.adapter is None,
+                  "merge-now": False, "pool-now": False, "pool-size": 1}
+        if self.dp:
+            config[KEY_CLIPPING_NORM] = self.cfg.dp_clip  # what Flower's fixedclipping_mod reads
+        return config
+
+    def start_adapter(self) -> dict[str, torch.Tensor] | None:
+        """The adapter this round's sites start from, when it is sent: the running average, or with
+        DP also a fresh one (the clipping mod measures each update from the adapter it received)."""
+        if not self.lora:
+            return None
+        if self.state.adapter is not None:
+            return self.state.adapter
+        if not self.dp:
+            return None  # the sites draw the fresh adapter from adapter-seed themselves
+        if self.fresh_adapter is None:
+            raise RuntimeError("dp-noise > 0 needs strategy.fresh_adapter (set by server/server_app.py)")
+        return self.fresh_adapter(self.adapter_seed())
 
     def sync_records(self, node: int) -> tuple[dict, dict]:
         """(config fields, array records) that bring `node` to the current base."""
@@ -96,17 +133,25 @@ class ContinualStrategy(FedAvg):
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid):
         sampled = super().configure_train(server_round, arrays, config, grid)  # FedAvg's sampling
         messages, down = [], 0
+        self.round_start = self.start_adapter()
         for node in [m.metadata.dst_node_id for m in sampled]:
             sync, records = self.sync_records(node)
-            if self.state.adapter is not None and self.lora:
-                records["adapter"] = ArrayRecord(self.state.adapter)
+            if self.round_start is not None:
+                records["adapter"] = ArrayRecord(self.round_start)
             content = RecordDict({**records, "config": ConfigRecord({**self.round_config(), **sync,
                                                                      "server-round": server_round})})
             down += sum(state_bytes(r.to_torch_state_dict()) for r in records.values())
             messages.append(Message(content=content, message_type=MessageType.TRAIN, dst_node_id=node))
         self.round_log = {"stage": self.stage, "round": self.round, "server_round": server_round,
                           "sent_to": [m.metadata.dst_node_id for m in messages], "bytes_down": down}
+        self.sent = messages
         return messages
+
+    def replying_node(self, reply: Message) -> int:
+        """The node a reply is about: its sender, except for the error the SuperLink itself returns
+        for a node that stopped sending heartbeats (a dead SuperNode), which names the message it answers."""
+        sent_to = {m.metadata.message_id: m.metadata.dst_node_id for m in self.sent if m.metadata.message_id}
+        return sent_to.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
 
     # ---- what the server does with the replies -----------------------------------------------
     def check_reply(self, arrays: dict[str, torch.Tensor]) -> None:
@@ -118,10 +163,11 @@ class ContinualStrategy(FedAvg):
         valid, errors = self._check_and_log_replies(replies, is_train=True, validate=False)
         used, dropped, adapters, examples, losses, up = [], [], [], [], [], 0
         for msg in errors:
-            node = msg.metadata.src_node_id
+            node = self.replying_node(msg)
             self.state.node_base.pop(node, None)  # unknown now: send the full base next time
             dropped.append({"node": node, "reason": f"client error: {last_line(msg.error.reason)}"})
-        answered = {m.metadata.src_node_id for m in replies}
+        answered = {self.replying_node(m) for m in replies}
+        skipped: dict[str, int] = {}  # site -> manifest rows it skipped (bad-rows=skip)
         for node in self.round_log.get("sent_to", []):
             if node not in answered:
                 self.state.node_base.pop(node, None)
@@ -143,19 +189,39 @@ class ContinualStrategy(FedAvg):
                 dropped.append({"node": node, "site": site, "reason": f"rejected: {error}"})
                 continue
             used.append(site)
+            if int(metrics.get("rows-skipped", 0)):
+                skipped[site] = int(metrics["rows-skipped"])
             adapters.append(arrays)
             examples.append(n)
             losses.append(float(metrics["train-loss"]))
-        self.round_log.update(clients_used=used, clients_dropped=dropped, losses=losses,
+        self.round_log.update(clients_used=used, clients_dropped=dropped, rows_skipped=skipped, losses=losses,
                               num_examples=examples, bytes_up=up, merged=False)
+        self.sent = []
         if adapters:
             weights = example_weights(examples, uniform=self.cfg.weighting == "uniform")
+            if self.dp:
+                adapters, weights = [self.privatize(adapters, used, server_round)], [1.0]
             self.combine(adapters, weights)
         else:
             log.warning("round %s: no usable update; the model is unchanged", server_round)
             self.no_update()
         loss = sum(l * n for l, n in zip(losses, examples)) / max(sum(examples), 1) if losses else float("nan")
         return None, MetricRecord({"train-loss": loss, "num-examples": sum(examples)})
+
+    def privatize(self, adapters: list[dict], sites: list[str], server_round: int) -> dict[str, torch.Tensor]:
+        """DP: each update clipped to dp-clip (again: a site's mod already did), then their mean plus
+        N(0, (z C / n)^2), seeded by the run seed and round (and the server's CL_FED_DP_SECRET)."""
+        clip, clipped = self.cfg.dp_clip, []
+        for site, adapter in zip(sites, adapters):
+            norm = update_norm(adapter, self.round_start)
+            if norm > clip * (1 + 1e-4):  # more than the float32 rounding of a clipped update
+                log.warning("round %s: site %s sent an update of norm %.6g > dp-clip %.6g (is its clipping mod "
+                            "installed?); clipped on the server", server_round, site, norm, clip)
+            clipped.append(clip_update(adapter, self.round_start, clip))
+        std = noise_std(self.cfg.dp_noise, clip, len(clipped))
+        seed = noise_seed(self.adapter_seed(), os.environ.get("CL_FED_DP_SECRET", ""))
+        self.round_log["dp_noise_std"] = std
+        return noised_mean(clipped, std, seed)
 
     def combine(self, adapters: list[dict], weights: list[float]) -> None:
         raise NotImplementedError

@@ -1,8 +1,10 @@
-"""Run the Flower app through `flwr run` on the local simulation engine, and wait for it.
+"""Run the Flower app through `flwr run`, and wait for it.
 
-`flwr run` submits to a local SuperLink that it starts in the background on first use (from
-the directory it was called in, with the caller's environment); `flwr run --stream` exits 0
-even when the run failed, so the outcome is read back with `flwr ls`.
+By default `flwr run` submits to the local simulation engine: a local SuperLink that it starts in
+the background on first use (from the directory it was called in, with the caller's environment).
+With `superlink=<name>` it submits to that SuperLink connection of the CLI's config.toml instead
+(the Deployment Engine, see deploy/). `flwr run --stream` exits 0 even when the run failed, so the
+outcome is read back with `flwr ls`.
 """
 
 from __future__ import annotations
@@ -57,18 +59,27 @@ def configure_local_federation(num_supernodes: int, cpus_per_client: int = 1, en
 
 def flwr_run(overrides: dict | None = None, *, num_supernodes: int | None = None, cpus_per_client: int = 1,
              env: dict | None = None, app_dir: Path | None = None, stream: bool = True,
-             timeout: float | None = None) -> Path:
-    """Run the app with these run-config overrides; returns the run directory (results.json)."""
+             timeout: float | None = None, superlink: str | None = None) -> Path:
+    """Run the app with these run-config overrides; returns the run directory (results.json).
+
+    `superlink`: the name of a SuperLink connection in $FLWR_HOME/config.toml (a deployed
+    federation, whose SuperNodes are already connected); None = the local simulation engine with
+    `num_supernodes` simulated sites (default: the scenario's)."""
     overrides = dict(overrides or {})
     cfg = make_config(overrides)  # errors before anything starts
-    if num_supernodes is None:
-        num_supernodes = len(load_scenario(cfg.scenario).sites)
     app_dir = app_dir or project_root()
-    command = [str(BIN / "flwr"), "run", str(app_dir), "--stream" if stream else "",
-               "--federation-config", f"num-supernodes={num_supernodes} client-resources-num-cpus={cpus_per_client}"]
+    command = [str(BIN / "flwr"), "run", str(app_dir)]
+    if superlink:
+        command += [superlink]
+    else:
+        if num_supernodes is None:
+            num_supernodes = len(load_scenario(cfg.scenario).sites)
+        command += ["--federation-config",
+                    f"num-supernodes={num_supernodes} client-resources-num-cpus={cpus_per_client}"]
+    if stream:
+        command += ["--stream"]
     if overrides:
         command += ["--run-config", run_config_arg(overrides)]
-    command = [c for c in command if c]
     env = flower_env(env)
     proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             cwd=app_dir)
@@ -83,25 +94,26 @@ def flwr_run(overrides: dict | None = None, *, num_supernodes: int | None = None
     found = re.search(r"Successfully started run (\d+)", text)
     if proc.returncode != 0 or not found:
         raise FlowerRunError(f"flwr run failed (exit {proc.returncode}):\n{text[-3000:]}")
-    status = wait_for_run(found.group(1), env, timeout)
+    status = wait_for_run(found.group(1), env, timeout, superlink)
     if status.get("status") != "finished:completed":
         raise FlowerRunError(f"run {found.group(1)} ended as {status.get('status')!r}: "
                              f"{status.get('status-details', '')}\n{text[-3000:]}")
     return Path(cfg.output_dir or runs_root()) / cfg.default_run_name()
 
 
-def wait_for_run(run_id: str, env: dict, timeout: float | None = None) -> dict:
+def wait_for_run(run_id: str, env: dict, timeout: float | None = None, superlink: str | None = None) -> dict:
     """Poll the SuperLink until the run has finished (`flwr run` without --stream returns at once)."""
     deadline = time.monotonic() + (timeout or 24 * 3600)
     while True:
-        status = run_status(run_id, env)
+        status = run_status(run_id, env, superlink)
         if str(status.get("status", "")).startswith("finished") or time.monotonic() > deadline:
             return status
         time.sleep(2.0)
 
 
-def run_status(run_id: str, env: dict) -> dict:
-    done = subprocess.run([str(BIN / "flwr"), "ls", "--run-id", run_id, "--format", "json"], env=env,
-                          capture_output=True, text=True, check=True)
+def run_status(run_id: str, env: dict, superlink: str | None = None) -> dict:
+    """The run's entry in `flwr ls` (status, status details); `superlink`: a connection name, else the default."""
+    done = subprocess.run([str(BIN / "flwr"), "ls", *([superlink] if superlink else []), "--run-id", run_id,
+                           "--format", "json"], env=env, capture_output=True, text=True, check=True)
     runs = json.loads(done.stdout).get("runs", [])
     return runs[0] if runs else {}

@@ -30,6 +30,11 @@ ROWS = [
     ("single-site", {"strategy": "centralization", "centralize-every": "stage"}),
     ("single-site", {"strategy": "fedavg"}),
     ("joint", {}),
+    # differential privacy (site-level DP-FedAvg) at two noise levels; the no-DP reference is row 3
+    ("federated", {"strategy": "centralization", "centralize-every": "stage", "merge": "factors",
+                   "weighting": "uniform", "dp-noise": 0.3}),
+    ("federated", {"strategy": "centralization", "centralize-every": "stage", "merge": "factors",
+                   "weighting": "uniform", "dp-noise": 1.0}),
 ]
 
 
@@ -38,11 +43,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--scenario", default="default")
     parser.add_argument("--seeds", default="0,1", help="comma-separated seeds (default: 0,1)")
     parser.add_argument("--out", default=None, help="folder for the runs and the report (default: runs/quality)")
-    parser.add_argument("--only", default=None, help="comma-separated row numbers (1-based) to run")
+    parser.add_argument("--only", default=None, help="comma-separated row numbers (1-based), run in this order")
     args = parser.parse_args(argv)
     out = args.out or str(runs_root() / "quality")
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
-    rows = [row for i, row in enumerate(ROWS, 1) if not args.only or str(i) in args.only.split(",")]
+    order = [int(i) for i in args.only.split(",")] if args.only else range(1, len(ROWS) + 1)
+    rows = [ROWS[i - 1] for i in order]
     jobs = [(mode, {**overrides, "scenario": args.scenario, "seed": seed}) for seed in seeds for mode, overrides in rows]
     start = time.monotonic()
     for index, (mode, overrides) in enumerate(jobs, 1):

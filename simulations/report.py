@@ -35,6 +35,7 @@ COLUMNS = [
     ("new_stage_wer", "New-stage WER", "metrics"),
     ("acer", "ACER", "derived"),
     ("foundation", "Base-domain WER", "derived"),
+    ("epsilon", "DP ε", "derived"),
     ("bytes_up", "MB up", "results"),
     ("bytes_down", "MB down", "results"),
     ("wall_seconds", "Wall time (s)", "results"),
@@ -99,6 +100,8 @@ def derived(results: dict, key: str) -> float | None:
     the starting base's own domain (the scenario's foundation test set) after the last stage."""
     if key == "acer":
         return statistics.fmean(results["cer_matrix"][-1])
+    if key == "epsilon":  # differentially private runs only (at results["privacy"]["delta"])
+        return (results.get("privacy") or {}).get("epsilon")
     if key == "foundation":
         series = results.get("other_test_sets", {}).get("foundation", {}).get("wer") or [None]
         return series[-1]
@@ -218,7 +221,7 @@ def plot_forgetting_curves(rows: list[Row]):
                 ax.axhline(row.mean_matrix()[0][j], linestyle="--", color="gray", label=row.label)
             else:
                 ax.plot(range(len(stages) + 1), row.curve(j), marker="o", label=row.label)
-        ax.axvspan(j + 0.5, j + 1.5, color="orange", alpha=0.12)  # where this stage is trained
+        ax.axvspan(j, j + 1, color="orange", alpha=0.12)  # this stage is trained between these two points
         ax.set_title(f"test set: {stage}", fontsize=10)
         ax.set_xticks(range(len(x_labels)), x_labels, rotation=30, ha="right", fontsize=8)
         ax.set_ylabel("WER (%)")
@@ -231,18 +234,18 @@ def plot_wer_vs_bytes(rows: list[Row]):
     """AWER (mean ± std over seeds) against total bytes up + down per run, for rows that communicate."""
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6, 4.2))
+    fig, ax = plt.subplots(figsize=(9, 4.2))
     for row in rows:
         up, down = row.stat("bytes_up", "results")[0], row.stat("bytes_down", "results")[0]
         awer, std = row.stat("awer", "metrics")
         if not up or awer is None:
             continue  # single-site and joint runs send nothing
         ax.errorbar([up + down], [awer], yerr=[std or 0.0], fmt="o", capsize=3, label=row.label)
-        ax.annotate(row.label, (up + down, awer), fontsize=7, xytext=(4, 4), textcoords="offset points")
     ax.set_xscale("log")
     ax.set_xlabel("MB communicated per run (up + down, all sites)")
     ax.set_ylabel("AWER (%) after the last stage")
     ax.set_title("accuracy vs communication", fontsize=10)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))  # labels would overlap on the points
     fig.tight_layout()
     return fig
 
@@ -253,7 +256,8 @@ last stage; new-stage WER is the mean WER on each stage right after training on 
 speech is learnt); BWT is the mean of (WER right after learning a stage - WER at the end): negative
 means forgetting; forgetting is the mean rise of each earlier stage's WER from its best to the end;
 FWT is how much earlier stages lowered the WER of stages not yet trained, against the starting
-base. ACER is AWER's character-level twin (it moves where WER is saturated near 100%); base-domain
+base. DP ε is the privacy budget of differentially private runs (at the δ in their results.json;
+n/a = no DP). ACER is AWER's character-level twin (it moves where WER is saturated near 100%); base-domain
 WER is the foundation test set (what the starting base was trained on) after the last stage. ± is the sample standard deviation over seeds. Bytes are all sites' uploads and the server's
 broadcasts over the whole run; wall time is the server's. Single-site and joint rows send nothing.
 """

@@ -11,6 +11,7 @@ import logging
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import time
 from contextlib import contextmanager
@@ -48,19 +49,26 @@ def private_superlink(work_dir: str | Path, env: dict | None = None, start_timeo
          "--log-file", str(work / "superlink.log")],
         env=env, cwd=work, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
-        deadline = time.monotonic() + start_timeout
-        while True:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=0.5).is_success:
-                    break
-            except httpx.HTTPError:
-                pass
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"the SuperLink did not start; see {work / 'superlink.log'}")
-            time.sleep(0.2)
+        wait_until_healthy(f"http://127.0.0.1:{port}/health", process, start_timeout, work / "superlink.log")
         yield env
     finally:
         stop(process)
+
+
+def wait_until_healthy(url: str, process: subprocess.Popen, timeout: float, log_path: Path,
+                       verify: ssl.SSLContext | bool = True) -> None:
+    """Poll GET `url` (a SuperLink's /health) until it answers; an error naming `log_path` if the
+    process exits or `timeout` seconds pass first. `verify`: the TLS context (a private CA) for https."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if httpx.get(url, verify=verify, timeout=1.0).is_success:
+                return
+        except httpx.HTTPError:
+            pass
+        if process.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"the SuperLink did not come up at {url}; see {log_path}")
+        time.sleep(0.3)
 
 
 def stop(process: subprocess.Popen, timeout: float = 30.0) -> None:

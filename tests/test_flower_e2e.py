@@ -94,3 +94,30 @@ def test_wrong_number_of_supernodes_is_a_clear_error(flower):
     with pytest.raises(FlowerRunError, match="SuperNodes"):
         flwr_run({"scenario": "tiny", "output-dir": str(flower["work"] / "runs")}, num_supernodes=3,
                  env=flower["env"], stream=False, timeout=600)
+
+
+def test_differential_privacy_run_noises_what_it_merges(flower):
+    """dp-clip 0.2 is above every update of the tiny scenario (0.10..0.14): nothing is clipped, so
+    all that separates this run from the one without DP is the noise."""
+    import torch
+    from safetensors.torch import load_file
+
+    from cl_fed.models.tiny import LORA_TARGETS
+    from cl_fed.privacy import epsilon
+
+    common = {"merge": "factors", "weighting": "uniform", "rounds-per-stage": 1}  # 2 rounds each: CI time
+    noised = run(flower, **common, **{"dp-noise": 0.5, "dp-clip": 0.2})
+    plain = run(flower, **common)
+    results = json.loads((noised / "results.json").read_text())
+    assert results["complete"] and len(results["rounds"]) == 2
+    assert [r["dp_noise_std"] for r in results["rounds"]] == [0.5 * 0.2 / 2] * 2
+    privacy = results["privacy"]
+    assert privacy["rounds"] == 2 and privacy["noise_multiplier"] == 0.5 and privacy["clipping_norm"] == 0.2
+    assert 0 < privacy["epsilon"] == epsilon(0.5, 1.0, 2, 1e-5) < float("inf")
+    assert "## Differential privacy" in (noised / "report.md").read_text()
+    assert "dp_noise_std" not in json.loads((plain / "results.json").read_text())["rounds"][0]
+    # the merged bases differ, in the LoRA-targeted weights only, by far more than float rounding
+    a, b = load_file(noised / "model" / "model.safetensors"), load_file(plain / "model" / "model.safetensors")
+    changed = {k for k in a if not torch.equal(a[k], b[k])}
+    assert changed and all(k.rsplit(".", 2)[-2] in LORA_TARGETS and k.endswith(".weight") for k in changed)
+    assert max(float((a[k] - b[k]).abs().max()) for k in changed) > 1e-3

@@ -14,7 +14,8 @@ from simulations.report import group_runs, load_runs, plot_forgetting_curves, pl
 STAGES = ["s1", "s2"]
 
 
-def results(name, strategy, seed, wer, cer, initial, metrics, bytes_up, bytes_down, wall, mode=None, complete=True):
+def results(name, strategy, seed, wer, cer, initial, metrics, bytes_up, bytes_down, wall, mode=None, complete=True,
+            privacy=None):
     schedule = {"centralize_every": 1, "merge": "product"} if mode is None else {"mode": mode}
     return {
         "run_name": f"toy-{name}-seed{seed}", "strategy": strategy, "schedule": schedule,
@@ -22,6 +23,7 @@ def results(name, strategy, seed, wer, cer, initial, metrics, bytes_up, bytes_do
         "stages": STAGES, "complete": complete, "wer_matrix": wer, "cer_matrix": cer, "initial_wer": initial,
         "other_test_sets": {"foundation": {"wer": [10.0, 30.0 + seed], "cer": [5.0, 9.0]}},
         "metrics": metrics, "bytes_up": bytes_up, "bytes_down": bytes_down, "wall_seconds": wall,
+        **({"privacy": privacy} if privacy else {}),
     }
 
 
@@ -42,7 +44,7 @@ def sweep(tmp_path):
                                        "new_stage_wer": 37.0}, 2_000_000, 8_000_000, 110.0))
     write(tmp_path, results("fedavg", "fedavg", 0, [[10, 90], [60, 30]], [[5, 50], [30, 15]], [50, 90],
                             {"awer": 45.0, "bwt": -50.0, "forgetting": 50.0, "fwt": 0.0, "new_stage_wer": 20.0},
-                            40_000_000, 40_000_000, 90.0))
+                            40_000_000, 40_000_000, 90.0, privacy={"epsilon": 7.5, "delta": 1e-5}))
     write(tmp_path, results("joint", "joint", 0, [[15, 25]], [[7, 11]], [50, 90],
                             {"awer": 20.0, "bwt": None, "forgetting": None, "fwt": None, "new_stage_wer": None},
                             0, 0, 60.0, mode="joint"))
@@ -73,13 +75,18 @@ def test_written_table_and_csv_match_the_results(sweep, tmp_path_factory):
     table = (out / "comparison.md").read_text()
     assert "| centralization | 0,1 | 40.0 ± 7.1 | -13.0 ± 4.2 |" in table
     assert "| joint | 0 | 20.0 | n/a | n/a | n/a | n/a |" in table
+    assert float(rows_of(out)["fedavg"]["epsilon_mean"]) == 7.5 and rows_of(out)["joint"]["epsilon_mean"] == ""
     assert "incomplete run" in table  # what was left out is said
-    rows = {r["run"]: r for r in csv.DictReader((out / "comparison.csv").open())}
+    rows = rows_of(out)
     assert float(rows["fedavg"]["awer_mean"]) == 45.0 and rows["fedavg"]["awer_std"] == ""
     assert float(rows["centralization"]["new_stage_wer_mean"]) == 33.5
     assert float(rows["centralization"]["wall_seconds_mean"]) == 105.0
     for name in ("heatmaps.png", "forgetting_curves.png", "wer_vs_bytes.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def rows_of(out):
+    return {r["run"]: r for r in csv.DictReader((out / "comparison.csv").open())}
 
 
 def test_plots_draw_the_table_numbers(sweep):
@@ -96,7 +103,7 @@ def test_plots_draw_the_table_numbers(sweep):
     assert lines["joint"] == [25, 25]  # the joint model: a horizontal line at its WER
 
     scatter = plot_wer_vs_bytes(rows)
-    points = {text.get_text(): text.xy for text in scatter.axes[0].texts}
+    points = {c.get_label(): (c.lines[0].get_xdata()[0], c.lines[0].get_ydata()[0]) for c in scatter.axes[0].containers}
     assert points == {"centralization": (10.0, 40.0), "fedavg": (80.0, 45.0)}  # joint sent nothing: not drawn
 
 

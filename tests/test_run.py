@@ -58,6 +58,11 @@ def test_unknown_site_and_strategy_are_clear_errors(tmp_path):
         run_single_site(make_config({"strategy": "local"}), progress=False)
     with pytest.raises(ValueError, match="does not divide the 2 stages"):
         run_single_site(make_config({"scenario": "tiny", "centralize-every": 3}), progress=False)
+    private = make_config({"scenario": "tiny", "dp-noise": 1.0, "merge": "factors", "weighting": "uniform"})
+    with pytest.raises(ValueError, match="dp-noise=1.0.*federated runs only"):
+        run_single_site(private, progress=False)
+    with pytest.raises(ValueError, match="dp-noise=1.0.*federated runs only"):
+        run_joint(private, progress=False)
 
 
 def test_command_line_flags_are_the_run_config_keys(tmp_path, capsys):

@@ -36,12 +36,12 @@ def test_unknown_mode_is_a_clear_error(tmp_path):
 @pytest.mark.slow
 def test_sweep_runs_each_distinct_run_once_and_resumes(tmp_path):
     command = [sys.executable, "-m", "simulations.sweep", "-m", "scenario=tiny", "strategy=fedavg-lora,fedavg",
-               "centralize-every=round,stage", "rounds-per-stage=1", f"output-dir={tmp_path}"]
+               "centralize-every=round,stage", "rounds-per-stage=1", "sites=1", f"output-dir={tmp_path}"]
     first = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     # neither strategy uses a schedule: 4 combinations, 2 distinct runs
     names = sorted(p.parent.name for p in tmp_path.glob("*/results.json"))
-    assert names == ["tiny-fedavg-lora-rounds-per-stage1-seed0", "tiny-fedavg-rounds-per-stage1-seed0"]
+    assert names == ["tiny-fedavg-lora-sites1-rounds-per-stage1-seed0", "tiny-fedavg-sites1-rounds-per-stage1-seed0"]
     assert "[sweep 4/4]" in first.stdout and first.stdout.count("already complete, not run again") == 2
     # rerunning the same command runs nothing again
     again = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
@@ -52,9 +52,10 @@ def test_sweep_runs_each_distinct_run_once_and_resumes(tmp_path):
     for name in names:
         results = json.loads((tmp_path / name / "results.json").read_text())
         assert results["config"]["rounds-per-stage"] == 1 and results["complete"]
+        assert [r["clients_used"] for r in results["rounds"]] == [["factory-a"]] * 2  # sites=1: one SuperNode
         assert recompute_matrices(tmp_path / name)[0] == results["wer_matrix"]
         row = table[name.removeprefix("tiny-").removesuffix("-seed0")]
         assert float(row["awer_mean"]) == pytest.approx(results["metrics"]["awer"], abs=1e-4)
         assert float(row["bytes_up_mean"]) == pytest.approx(results["bytes_up"] / 1e6, rel=1e-4)
     bytes_up = {name: float(row["bytes_up_mean"]) for name, row in table.items()}
-    assert bytes_up["fedavg-rounds-per-stage1"] > 5 * bytes_up["fedavg-lora-rounds-per-stage1"]
+    assert bytes_up["fedavg-sites1-rounds-per-stage1"] > 5 * bytes_up["fedavg-lora-sites1-rounds-per-stage1"]

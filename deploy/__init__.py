@@ -1,0 +1,1 @@
+"""Deployment Engine: certificates, a SuperLink and SuperNodes with TLS and authentication (see federation.py)."""

@@ -1,0 +1,291 @@
+"""The Deployment Engine for real: a `flower-superlink` and two `flower-supernode` processes on
+127.0.0.1 with TLS and SuperNode authentication, one `flwr run . <federation>` of a one-stage tiny
+scenario, results.json checked, a SuperNode with an unregistered key turned away, and every process
+the test started gone afterwards. Plus quick checks of the certificates and of node config `data`.
+
+Fault tolerance, each fault done for real to the real processes:
+- the ServerApp process SIGKILLed right after round 1's checkpoint, the run submitted again with
+  resume=true: it ends exactly like the uninterrupted run above (same seed, same federation);
+- a second federation where factory-b's SuperNode reads its own manifest with a corrupt and a
+  missing audio file: with bad-rows=raise that site fails with an error naming the manifest row
+  while factory-a trains on; with bad-rows=skip its skips are counted in results.json, and in that
+  same run factory-a's SuperNode is SIGKILLed while it trains in round 1: the round and the run
+  finish with factory-b, and the drop is recorded.
+"""
+
+import json
+import math
+import random
+import ssl
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import load_ssh_private_key
+from safetensors.torch import load_file
+
+from cl_fed.config import make_config
+from cl_fed.continual import state_checksum
+from cl_fed.data.manifest import load_manifest, write_manifest
+from cl_fed.data.scenario import scenario_path
+from cl_fed.data.synth import generate
+from clients.site import load_site, node_data
+from deploy.certs import make_supernode_key, make_tls
+from deploy.federation import (is_gone, kill_tree, local_federation, online_supernodes, spawned_process,
+                               start_supernode, stop_run, submit_run)
+from simulations.flower import flwr_run, run_status, wait_for_run
+from simulations.superlink import free_port
+
+SITES = ["factory-a", "factory-b"]
+
+
+def one_stage_scenario(folder: Path) -> Path:
+    """The packaged tiny scenario cut to its first stage: one stage (of two rounds) keeps the runs short."""
+    scenario = yaml.safe_load(scenario_path("tiny").read_text())
+    scenario["name"], scenario["stages"] = "tiny-one-stage", scenario["stages"][:1]
+    path = folder / "tiny-one-stage.yaml"
+    path.write_text(yaml.safe_dump(scenario, sort_keys=False))
+    return path
+
+
+@pytest.fixture(scope="module")
+def scenario(tmp_path_factory) -> Path:
+    return one_stage_scenario(tmp_path_factory.mktemp("scenario"))
+
+
+@pytest.fixture(scope="module")
+def deployment(tmp_path_factory, scenario):
+    """Everything happens here, once; the tests below check what it recorded."""
+    work = tmp_path_factory.mktemp("deployment")
+    seen = {}
+    with local_federation(work / "federation", SITES, str(scenario)) as federation:
+        ca = federation.certs["ca.crt"]
+        seen["plain_http_refused"] = _refused(f"http://{federation.address}/health")
+        seen["https_with_ca"] = httpx.get(f"https://{federation.address}/health", verify=_context(ca)).status_code
+        # a SuperNode with a key nobody registered tries to join while the run starts (the server
+        # wants exactly one SuperNode per site, so had it joined the run would fail)
+        key, _ = make_supernode_key(work / "intruder-keys", "intruder")
+        intruder = start_supernode(federation.work, "intruder", federation.address, free_port(),
+                                   {"site": "factory-b", "data": str(scenario)}, ca, key)
+        federation.processes["supernode:intruder"] = intruder  # stopped with the rest if it lingers
+        config = {"scenario": str(scenario), "rounds-per-stage": 2, "output-dir": str(work / "runs")}
+        run_dir = flwr_run({**config, "run-name": "whole"}, superlink=federation.name, env=federation.cli_env,
+                           stream=False, timeout=600)
+        seen["intruder_exit"] = intruder.wait(timeout=120)
+        seen["intruder_log"] = (federation.work / "intruder" / "supernode.log").read_text()
+        seen["online"] = len(online_supernodes(federation.name, federation.cli_env))
+        seen["server_killed"] = kill_server_after_round_one_and_resume(federation, {**config, "run-name": "killed"})
+        seen["started"] = {label: p.pid for label, p in federation.processes.items()}
+    seen["stopped"] = federation.stopped
+    seen["results"] = json.loads((run_dir / "results.json").read_text())
+    seen["model"] = state_checksum(load_file(run_dir / "model" / "model.safetensors"))
+    seen["scenario"] = str(scenario)
+    return seen
+
+
+def kill_server_after_round_one_and_resume(federation, config: dict) -> dict:
+    """Submit the run, SIGKILL its ServerApp process (the SuperLink spawned it) as soon as round 1's
+    checkpoint is on disk, stop the dead run (else the SuperLink waits up to 60 s for its heartbeat
+    and may hand its round-2 messages to the SuperNodes meanwhile), then submit it again with
+    resume=true to the same federation."""
+    run_dir = Path(config["output-dir"]) / config["run-name"]
+    run_id = submit_run(federation, config)
+    wait_for_file(run_dir / "checkpoint.pt", timeout=600)
+    server = spawned_process(federation.processes["superlink"].pid, "flwr-serverapp", timeout=10)
+    seen = {"killed": kill_tree(server.pid), "results_when_killed": (run_dir / "results.json").exists()}
+    stop_run(federation, run_id)
+    seen["killed_run"] = run_status(run_id, federation.cli_env, federation.name)
+    flwr_run({**config, "resume": True}, superlink=federation.name, env=federation.cli_env, stream=False, timeout=600)
+    seen["online_after"] = len(online_supernodes(federation.name, federation.cli_env))
+    seen["results"] = json.loads((run_dir / "results.json").read_text())
+    seen["model"] = state_checksum(load_file(run_dir / "model" / "model.safetensors"))
+    return seen
+
+
+def wait_for_file(path: Path, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.is_file():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{path} did not appear within {timeout:.0f} s")
+        time.sleep(0.2)
+
+
+def _context(ca: Path) -> ssl.SSLContext:
+    return ssl.create_default_context(cafile=str(ca))
+
+
+def _refused(url: str) -> bool:
+    try:
+        httpx.get(url, timeout=5.0)
+    except httpx.HTTPError:
+        return True
+    return False
+
+
+@pytest.mark.slow
+def test_run_over_tls_with_authenticated_supernodes_completes(deployment):
+    results = deployment["results"]
+    assert results["complete"] and results["strategy"] == "centralization"
+    assert results["config"]["scenario"] == deployment["scenario"]
+    assert results["stages"] == ["en-welding"]
+    assert len(results["wer_matrix"]) == 1 and len(results["wer_matrix"][0]) == 1
+    assert all(math.isfinite(w) and 0 <= w for row in results["wer_matrix"] for w in row)
+    assert len(results["rounds"]) == 2
+    assert all(sorted(r["clients_used"]) == SITES and r["clients_dropped"] == [] for r in results["rounds"])
+    assert all(r["rows_skipped"] == {} for r in results["rounds"])
+    assert [r["merged"] for r in results["rounds"]] == [False, True] and results["bytes_up"] > 0
+    # the SuperLink speaks TLS only, with a certificate our CA signed
+    assert deployment["plain_http_refused"] and deployment["https_with_ca"] == 200
+
+
+@pytest.mark.slow
+def test_supernode_with_unregistered_key_is_rejected(deployment):
+    assert deployment["intruder_exit"] != 0
+    assert "Failed to activate SuperNode" in deployment["intruder_log"]
+    assert deployment["online"] == 2  # only the registered SuperNodes joined (and trained: see above)
+
+
+@pytest.mark.slow
+def test_server_killed_after_a_round_resumes_to_the_same_results(deployment):
+    killed, whole = deployment["server_killed"], deployment["results"]
+    assert killed["killed"] and not killed["results_when_killed"]  # it died mid-run, after round 1
+    resumed = killed["results"]
+    assert resumed["complete"] and len(resumed["rounds"]) == 2
+    assert all(sorted(r["clients_used"]) == SITES for r in resumed["rounds"])
+    # nothing lost: the same numbers as the uninterrupted run under the same seed
+    assert resumed["wer_matrix"] == whole["wer_matrix"] and resumed["cer_matrix"] == whole["cer_matrix"]
+    assert resumed["initial_wer"] == whole["initial_wer"]
+    assert [r["loss"] for r in resumed["rounds"]] == [r["loss"] for r in whole["rounds"]]
+    assert killed["model"] == deployment["model"]  # the merged base, bit for bit
+    # the dead ServerApp's run was stopped; the SuperNodes, untouched, served the resumed run
+    assert killed["killed_run"]["status"] == "finished:stopped", killed["killed_run"]
+    assert killed["online_after"] == 2
+
+
+@pytest.mark.slow
+def test_every_started_process_is_gone(deployment):
+    started = deployment["started"]
+    assert set(started) == {"superlink", "supernode:intruder", *(f"supernode:{s}" for s in SITES)}
+    # the long-running ones were stopped together with what they spawned (SuperExec processes)
+    assert {started["superlink"], started["supernode:factory-a"], started["supernode:factory-b"]} < set(
+        deployment["stopped"])
+    assert all(is_gone(pid) for pid in [*started.values(), *deployment["stopped"]])
+
+
+def test_certificates_fit_flower(tmp_path):
+    tls = make_tls(tmp_path, hosts=["superlink.example.com"])
+    ca = x509.load_pem_x509_certificate(tls["ca.crt"].read_bytes())
+    server = x509.load_pem_x509_certificate(tls["server.crt"].read_bytes())
+    server.verify_directly_issued_by(ca)
+    names = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert {str(ip) for ip in names.get_values_for_type(x509.IPAddress)} == {"127.0.0.1"}
+    assert set(names.get_values_for_type(x509.DNSName)) == {"localhost", "superlink.example.com"}
+    assert make_tls(tmp_path)["server.crt"].read_bytes() == tls["server.crt"].read_bytes()  # kept, not renewed
+    private, public = make_supernode_key(tmp_path, "factory-a")
+    key = load_ssh_private_key(private.read_bytes(), None)  # as flower-supernode loads it
+    assert key.curve.name == "secp384r1" and public.read_text().startswith("ecdsa-sha2-nistp384 ")
+    from flwr.cli.supernode.register import try_load_public_key
+
+    assert try_load_public_key(public)  # as `flwr supernode register` reads it
+
+
+def test_node_config_data_overrides_the_scenario_for_that_node_only(tmp_path):
+    cfg = make_config({"scenario": "tiny"})
+    assert node_data(cfg, {"site": "factory-a"}) is cfg
+    assert node_data(cfg, {"data": "default"}).scenario == "default"
+    manifest = tmp_path / "site.jsonl"
+    manifest.write_text("")
+    assert node_data(cfg, {"data": str(manifest)}).scenario == str(manifest)
+    with pytest.raises(ValueError, match="node-config data='data/site.jsonl': give an absolute path"):
+        node_data(cfg, {"data": "data/site.jsonl"})
+    with pytest.raises(FileNotFoundError, match="node-config data=.*missing.jsonl.*no such file"):
+        node_data(cfg, {"data": str(tmp_path / "missing.jsonl")})
+    with pytest.raises(ValueError, match="node-config data='no-such-scenario': .*no packaged scenario"):
+        load_site(cfg, {"data": "no-such-scenario", "site": "factory-a"}, "run", 1)
+
+
+# ---- a SuperNode killed mid-round, and a site with corrupt and missing audio -------------------------
+
+def manifest_with_bad_audio(scenario: Path, site: str, folder: Path) -> Path:
+    """`site`'s train rows and every test row of the scenario's (generated) data, plus one train row
+    whose FLAC file is random bytes and one whose file does not exist: lines 2 and 1 from the end."""
+    rows, _ = load_manifest(generate(scenario, progress=False) / "manifest.jsonl")
+    keep = [u for u in rows if u.stage != "foundation" and (u.split == "test" or u.site == site)]
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "corrupt.flac").write_bytes(random.Random(0).randbytes(4096))
+    path = write_manifest(keep, folder / "site.jsonl")
+    bad = [{"id": f"{site}-{name}", "audio": f"{name}.flac", "text": "weld the seam", "site": site,
+            "stage": keep[0].stage, "split": "train"} for name in ("corrupt", "missing")]
+    with open(path, "a", encoding="utf-8") as out:
+        out.writelines(json.dumps(row) + "\n" for row in bad)
+    return path
+
+
+@pytest.fixture(scope="module")
+def faults(tmp_path_factory, scenario):
+    """factory-b's SuperNode points at its own manifest with bad audio; two runs, results kept."""
+    work = tmp_path_factory.mktemp("faults")
+    manifest = manifest_with_bad_audio(scenario, "factory-b", work / "factory-b-data")
+    faults_file = work / "faults.json"
+    faults_file.write_text("{}")
+    config = {"scenario": str(scenario), "output-dir": str(work / "runs")}
+    good, _ = load_manifest(manifest, on_error="skip")
+    seen = {"manifest": str(manifest), "rows": len(manifest.read_text().splitlines()),
+            "good_train_rows": sum(u.split == "train" for u in good)}
+    with local_federation(work / "federation", SITES, {"factory-a": str(scenario), "factory-b": str(manifest)},
+                          env={"CL_FED_FAULTS_FILE": str(faults_file)}) as federation:
+        seen["node_ids"] = dict(federation.node_ids)
+        raised = flwr_run({**config, "bad-rows": "raise", "rounds-per-stage": 1, "run-name": "raise"},
+                          superlink=federation.name, env=federation.cli_env, stream=False, timeout=600)
+        seen["raise"] = json.loads((raised / "results.json").read_text())
+        # factory-a sleeps in its round-1 ClientApp, so the kill surely lands mid-round
+        faults_file.write_text(json.dumps({"client": [{"site": "factory-a", "round": 1, "fault": "sleep",
+                                                       "seconds": 900}]}))
+        run_id = submit_run(federation, {**config, "bad-rows": "skip", "rounds-per-stage": 2, "round-timeout": 120,
+                                         "run-name": "skip-and-kill"})
+        node_a = federation.processes["supernode:factory-a"]
+        spawned_process(node_a.pid, "flwr-clientapp", timeout=600)  # round 1 reached factory-a
+        seen["killed"] = kill_tree(node_a.pid)
+        seen["status"] = wait_for_run(run_id, federation.cli_env, 900, federation.name)
+        seen["skip"] = json.loads((work / "runs" / "skip-and-kill" / "results.json").read_text())
+        seen["started"] = [p.pid for p in federation.processes.values()]
+    seen["stopped"] = federation.stopped
+    return seen
+
+
+@pytest.mark.slow
+def test_corrupt_and_missing_audio_raise_names_the_row_and_the_others_train_on(faults):
+    results, node_b = faults["raise"], faults["node_ids"]["factory-b"]
+    assert results["complete"] and results["rounds"][0]["clients_used"] == ["factory-a"]
+    [drop] = results["rounds"][0]["clients_dropped"]
+    assert drop["node"] == node_b
+    # the first bad row (the corrupt file) is named with its manifest and line
+    assert f"{faults['manifest']}, row {faults['rows'] - 1}: unreadable or corrupt audio" in drop["reason"], drop
+
+
+@pytest.mark.slow
+def test_corrupt_and_missing_audio_skipped_and_counted(faults):
+    results = faults["skip"]
+    assert faults["status"]["status"] == "finished:completed" and results["complete"]
+    assert [r["rows_skipped"] for r in results["rounds"]] == [{"factory-b": 2}] * 2
+    # factory-b trained on its good rows in both rounds
+    assert [r["clients_used"] for r in results["rounds"]] == [["factory-b"]] * 2
+    assert [r["num_examples"] for r in results["rounds"]] == [[faults["good_train_rows"]]] * 2
+
+
+@pytest.mark.slow
+def test_supernode_killed_mid_round_is_dropped_and_the_run_completes(faults):
+    results, node_a = faults["skip"], faults["node_ids"]["factory-a"]
+    assert faults["killed"] and len(results["rounds"]) == 2 and all(math.isfinite(w) for w in results["wer_matrix"][0])
+    first, second = results["rounds"]
+    assert sorted(first["sent_to"]) == sorted(faults["node_ids"].values()) and first["clients_used"] == ["factory-b"]
+    # recorded with the SuperLink's answer for a node that stopped sending heartbeats
+    [drop] = first["clients_dropped"]
+    assert drop["node"] == node_a and "Node Unavailable" in drop["reason"], drop
+    # round 2 went on with the site still online; its update, merged, is what the run ends with
+    assert second["sent_to"] == [faults["node_ids"]["factory-b"]] and second["clients_used"] == ["factory-b"]
+    assert second["merged"] and second["losses"] and math.isfinite(second["losses"][0])
+    assert all(is_gone(pid) for pid in [*faults["killed"], *faults["started"], *faults["stopped"]])
