@@ -64,7 +64,7 @@ def flwr_run(overrides: dict | None = None, *, num_supernodes: int | None = None
 
     `superlink`: the name of a SuperLink connection in $FLWR_HOME/config.toml (a deployed
     federation, whose SuperNodes are already connected); None = the local simulation engine with
-    `num_supernodes` simulated sites (default: the scenario's)."""
+    `num_supernodes` simulated sites (default: the run config's `sites`, else the scenario's)."""
     overrides = dict(overrides or {})
     cfg = make_config(overrides)  # errors before anything starts
     app_dir = app_dir or project_root()
@@ -73,7 +73,7 @@ def flwr_run(overrides: dict | None = None, *, num_supernodes: int | None = None
         command += [superlink]
     else:
         if num_supernodes is None:
-            num_supernodes = len(load_scenario(cfg.scenario).sites)
+            num_supernodes = cfg.sites or len(load_scenario(cfg.scenario).sites)  # `sites`: the first N
         command += ["--federation-config",
                     f"num-supernodes={num_supernodes} client-resources-num-cpus={cpus_per_client}"]
     if stream:

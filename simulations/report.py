@@ -24,6 +24,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from cl_fed.config import DEFAULTS, make_config
 from cl_fed.io import atomic_write_bytes, atomic_write_text
 
 # (key, column title, source): source is a metrics key or a results.json top-level key
@@ -134,7 +135,7 @@ def group_runs(runs: list[dict]) -> list[Row]:
     """Runs whose configs differ only in seed (and settings that do not change results) share a row."""
     rows: dict[str, Row] = {}
     for run in runs:
-        config = {k: v for k, v in run["config"].items() if k not in NOT_COMPARED}
+        config = {k: v for k, v in comparable(run["config"]).items() if k not in NOT_COMPARED}
         key = json.dumps([config, run["schedule"].get("mode")], sort_keys=True)
         label = re.sub(r"-seed\d+", "", run["run_name"])
         rows.setdefault(key, Row(label)).runs.append(run)
@@ -143,6 +144,17 @@ def group_runs(runs: list[dict]) -> list[Row]:
     for row in rows.values():
         row.label = row.label[len(prefix):] or row.label
     return sorted(rows.values(), key=lambda row: row.label)
+
+
+def comparable(config: dict) -> dict:
+    """A run's config as it trains: keys added since the run was made take their defaults, and knobs
+    its strategy ignores are reset (RunConfig.effective), so equal runs group whatever their age."""
+    known = {k: v for k, v in config.items() if k in DEFAULTS}
+    try:
+        effective = make_config(known).effective().to_dict()
+    except ValueError:  # a config this version no longer accepts: compare it as written
+        effective = known
+    return {**effective, **{k: v for k, v in config.items() if k not in DEFAULTS}}
 
 
 def _common_scenario_prefix(labels: list[str]) -> str:

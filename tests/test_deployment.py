@@ -7,15 +7,17 @@ Fault tolerance, each fault done for real to the real processes:
 - the ServerApp process SIGKILLed right after round 1's checkpoint, the run submitted again with
   resume=true: it ends exactly like the uninterrupted run above (same seed, same federation);
 - a second federation where factory-b's SuperNode reads its own manifest with a corrupt and a
-  missing audio file: with bad-rows=raise that site fails with an error naming the manifest row
-  while factory-a trains on; with bad-rows=skip its skips are counted in results.json, and in that
-  same run factory-a's SuperNode is SIGKILLed while it trains in round 1: the round and the run
-  finish with factory-b, and the drop is recorded.
+  missing audio file: with bad-rows=skip its skips are counted in results.json, and in that same
+  run factory-a's SuperNode is SIGKILLed while it trains in round 1: the round and the run finish
+  with factory-b, and the drop is recorded. (With bad-rows=raise the site's data loading fails
+  with an error naming the manifest row, checked directly on the site to save CI a run: a failing
+  site is dropped like any other, see test_flower_e2e's injected crash.)
 """
 
 import json
 import math
 import random
+import re
 import ssl
 import time
 from pathlib import Path
@@ -226,7 +228,7 @@ def manifest_with_bad_audio(scenario: Path, site: str, folder: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def faults(tmp_path_factory, scenario):
-    """factory-b's SuperNode points at its own manifest with bad audio; two runs, results kept."""
+    """factory-b's SuperNode points at its own manifest with bad audio; one run, results kept."""
     work = tmp_path_factory.mktemp("faults")
     manifest = manifest_with_bad_audio(scenario, "factory-b", work / "factory-b-data")
     faults_file = work / "faults.json"
@@ -238,9 +240,6 @@ def faults(tmp_path_factory, scenario):
     with local_federation(work / "federation", SITES, {"factory-a": str(scenario), "factory-b": str(manifest)},
                           env={"CL_FED_FAULTS_FILE": str(faults_file)}) as federation:
         seen["node_ids"] = dict(federation.node_ids)
-        raised = flwr_run({**config, "bad-rows": "raise", "rounds-per-stage": 1, "run-name": "raise"},
-                          superlink=federation.name, env=federation.cli_env, stream=False, timeout=600)
-        seen["raise"] = json.loads((raised / "results.json").read_text())
         # factory-a sleeps in its round-1 ClientApp, so the kill surely lands mid-round
         faults_file.write_text(json.dumps({"client": [{"site": "factory-a", "round": 1, "fault": "sleep",
                                                        "seconds": 900}]}))
@@ -256,14 +255,13 @@ def faults(tmp_path_factory, scenario):
     return seen
 
 
-@pytest.mark.slow
-def test_corrupt_and_missing_audio_raise_names_the_row_and_the_others_train_on(faults):
-    results, node_b = faults["raise"], faults["node_ids"]["factory-b"]
-    assert results["complete"] and results["rounds"][0]["clients_used"] == ["factory-a"]
-    [drop] = results["rounds"][0]["clients_dropped"]
-    assert drop["node"] == node_b
+def test_corrupt_and_missing_audio_raise_names_the_manifest_row(scenario, tmp_path):
+    manifest = manifest_with_bad_audio(scenario, "factory-b", tmp_path / "data")
+    rows = len(manifest.read_text().splitlines())
+    cfg = make_config({"scenario": str(scenario), "bad-rows": "raise"})
     # the first bad row (the corrupt file) is named with its manifest and line
-    assert f"{faults['manifest']}, row {faults['rows'] - 1}: unreadable or corrupt audio" in drop["reason"], drop
+    with pytest.raises(ValueError, match=re.escape(f"{manifest}, row {rows - 1}: unreadable or corrupt audio")):
+        load_site(cfg, {"site": "factory-b", "data": str(manifest)}, "bad-audio", 0)
 
 
 @pytest.mark.slow

@@ -77,12 +77,14 @@ def test_centralization_run_results_and_privacy(flower):
 
 
 def test_resume_after_a_server_crash_equals_an_uninterrupted_run(flower):
-    whole = run(flower, **{"run-name": "whole", "strategy": "fedavg-lora"})
+    # one round per stage (CI time): the crash comes after stage 1, the resumed run does stage 2
+    common = {"strategy": "fedavg-lora", "rounds-per-stage": 1}
+    whole = run(flower, **{"run-name": "whole", **common})
     with pytest.raises(FlowerRunError):
-        run(flower, faults={"stop-after-round": 2}, **{"run-name": "crashed", "strategy": "fedavg-lora"})
+        run(flower, faults={"stop-after-round": 1}, **{"run-name": "crashed", **common})
     assert (whole.parent / "crashed" / "checkpoint.pt").is_file()
     assert not (whole.parent / "crashed" / "results.json").exists()
-    resumed = run(flower, **{"run-name": "crashed", "strategy": "fedavg-lora", "resume": True})
+    resumed = run(flower, **{"run-name": "crashed", "resume": True, **common})
     a = json.loads((whole / "results.json").read_text())
     b = json.loads((resumed / "results.json").read_text())
     assert a["wer_matrix"] == b["wer_matrix"] and a["cer_matrix"] == b["cer_matrix"]

@@ -107,6 +107,14 @@ def test_plots_draw_the_table_numbers(sweep):
     assert points == {"centralization": (10.0, 40.0), "fedavg": (80.0, 45.0)}  # joint sent nothing: not drawn
 
 
+def test_runs_written_before_a_key_existed_group_with_newer_ones(sweep):
+    old = json.loads((sweep / "toy-centralization-seed1" / "results.json").read_text())
+    old["config"]["dp-noise"], old["config"]["full-lr"] = 0.0, 0.123  # a newer key at its default; an ignored knob
+    (sweep / "toy-centralization-seed1" / "results.json").write_text(json.dumps(old))
+    rows = {row.label: row for row in group_runs(load_runs(sweep)[0])}
+    assert rows["centralization"].seeds == [0, 1]
+
+
 def test_missing_or_empty_sweep_folder_is_a_clear_error(tmp_path):
     from simulations.report import main
 
