@@ -67,16 +67,31 @@ def measure(name: str, sites: int, stages: int) -> dict:
     # centralization: a site one merge behind gets the instruction; mid-stage, the averaged adapter
     adapters = [{k: v.clone() for k, v in adapter.items()} for _ in range(sites)]  # sizes, not values, count
     instruction = MergeInstruction("old", "new", adapters, example_weights([1] * sites))
-    after_merge = Centralization(cfg, schedule, ServerState(base=base, checksum="new", instruction=instruction),
-                                 reference, spec.scale, sites)
+    after_merge = Centralization(
+        cfg,
+        schedule,
+        ServerState(base=base, checksum="new", instruction=instruction),
+        reference,
+        spec.scale,
+        sites,
+    )
     after_merge.state.node_base[1] = "old"
-    mid_stage = Centralization(cfg, schedule, ServerState(base=base, checksum="new", adapter=adapter),
-                               reference, spec.scale, sites)
+    mid_stage = Centralization(
+        cfg, schedule, ServerState(base=base, checksum="new", adapter=adapter), reference, spec.scale, sites
+    )
     mid_stage.state.node_base[1] = "new"
     return dict(
-        model=display, key=name, spec=spec, sites=sites, rounds=cfg.rounds_per_stage, every=cfg.centralize_every,
-        full_up=reply_bytes(full_reply), full_down=sent_bytes(fedavg, 1),
-        lora_up=reply_bytes(adapter), merge_down=sent_bytes(after_merge, 1), adapter_down=sent_bytes(mid_stage, 1),
+        model=display,
+        key=name,
+        spec=spec,
+        sites=sites,
+        rounds=cfg.rounds_per_stage,
+        every=cfg.centralize_every,
+        full_up=reply_bytes(full_reply),
+        full_down=sent_bytes(fedavg, 1),
+        lora_up=reply_bytes(adapter),
+        merge_down=sent_bytes(after_merge, 1),
+        adapter_down=sent_bytes(mid_stage, 1),
     )
 
 
@@ -84,12 +99,16 @@ def report(m: dict) -> list[float]:
     """Print one model's table; return its ratios (full / LoRA) for up, merge-round down, stage mean."""
     rounds = m["rounds"]
     if m["every"] != "stage":
-        raise ValueError(f"bytes_per_round assumes centralize-every='stage' (the default), got {m['every']!r}")
+        raise ValueError(
+            f"bytes_per_round assumes centralize-every='stage' (the default), got {m['every']!r}"
+        )
     # a merge after every stage: round 1 of a stage brings the merge instruction, later rounds the adapter
     stage_down = (m["merge_down"] + (rounds - 1) * m["adapter_down"]) / rounds
     spec = m["spec"]
-    print(f"\n{m['model']}: LoRA r={spec.rank} on {','.join(spec.target_modules)}, {m['sites']} sites, "
-          f"{rounds} rounds per stage, centralize-every={m['every']} (the defaults)")
+    print(
+        f"\n{m['model']}: LoRA r={spec.rank} on {','.join(spec.target_modules)}, {m['sites']} sites, "
+        f"{rounds} rounds per stage, centralize-every={m['every']} (the defaults)"
+    )
     rows = [
         ("fedavg, full weights", m["full_up"], m["full_down"]),
         ("centralization, round after a merge (merge instruction down)", m["lora_up"], m["merge_down"]),
@@ -97,33 +116,49 @@ def report(m: dict) -> list[float]:
         (f"centralization, mean over a stage's {rounds} rounds", m["lora_up"], stage_down),
     ]
     for label, up, down in rows:
-        print(f"  {label:<66} up {up:>13,.0f} B ({up / 2**20:8.2f} MiB)  "
-              f"down {down:>13,.0f} B ({down / 2**20:8.2f} MiB)")
+        print(
+            f"  {label:<66} up {up:>13,.0f} B ({up / 2**20:8.2f} MiB)  "
+            f"down {down:>13,.0f} B ({down / 2**20:8.2f} MiB)"
+        )
     ratios = [m["full_up"] / m["lora_up"], m["full_down"] / m["merge_down"], m["full_down"] / stage_down]
-    print(f"  ratio full / LoRA: up {ratios[0]:.1f}x, down after a merge {ratios[1]:.1f}x, "
-          f"down over a stage {ratios[2]:.1f}x, total over a stage "
-          f"{(m['full_up'] + m['full_down']) / (m['lora_up'] + stage_down):.1f}x")
+    print(
+        f"  ratio full / LoRA: up {ratios[0]:.1f}x, down after a merge {ratios[1]:.1f}x, "
+        f"down over a stage {ratios[2]:.1f}x, total over a stage "
+        f"{(m['full_up'] + m['full_down']) / (m['lora_up'] + stage_down):.1f}x"
+    )
     per_site = m["merge_down"] / m["sites"]
-    print(f"  the merge instruction grows with the sites merged: it reaches the full base's size at "
-          f"{m['full_down'] / per_site:.0f} sites")
+    print(
+        f"  the merge instruction grows with the sites merged: it reaches the full base's size at "
+        f"{m['full_down'] / per_site:.0f} sites"
+    )
     target = TARGETS.get(m["key"])
     if target:
-        print(f"  target: >= {target:.0f}x smaller; measured {min(ratios):.1f}x at worst (the merge round's download)")
+        print(
+            f"  target: >= {target:.0f}x smaller; measured {min(ratios):.1f}x at worst (the merge round's download)"
+        )
     return ratios
 
 
 def main(argv: list[str] | None = None) -> dict[str, list[float]]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", type=name_list(MODELS, "--models"), default=["tiny", "whisper-small"],
-                        help=f"comma-separated, from {', '.join(MODELS)}")
-    parser.add_argument("--sites", type=int, default=0, help="sites per round (default: the default scenario's)")
+    parser.add_argument(
+        "--models",
+        type=name_list(MODELS, "--models"),
+        default=["tiny", "whisper-small"],
+        help=f"comma-separated, from {', '.join(MODELS)}",
+    )
+    parser.add_argument(
+        "--sites", type=int, default=0, help="sites per round (default: the default scenario's)"
+    )
     args = parser.parse_args(argv)
     scenario = load_scenario(make_config({}).scenario)
     sites = args.sites or len(scenario.sites)
     if sites < 1:
         parser.error(f"--sites {args.sites}: must be >= 1")
-    print("bytes per client per round, counted as server/strategies.py counts bytes_up / bytes_down "
-          f"(array records; scenario {scenario.name!r}: {len(scenario.stages)} stages)")
+    print(
+        "bytes per client per round, counted as server/strategies.py counts bytes_up / bytes_down "
+        f"(array records; scenario {scenario.name!r}: {len(scenario.stages)} stages)"
+    )
     return {name: report(measure(name, sites, len(scenario.stages))) for name in args.models}
 
 

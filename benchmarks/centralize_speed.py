@@ -58,8 +58,10 @@ def build_subject(name: str) -> Subject:
 
 def random_adapters(subject: Subject, count: int, seed: int = 0) -> list[dict[str, torch.Tensor]]:
     generator = torch.Generator().manual_seed(seed)
-    return [{key: 0.01 * torch.randn(shape, generator=generator) for key, shape in subject.adapter_shapes.items()}
-            for _ in range(count)]
+    return [
+        {key: 0.01 * torch.randn(shape, generator=generator) for key, shape in subject.adapter_shapes.items()}
+        for _ in range(count)
+    ]
 
 
 def best_of(repeats: int, work, clock=time.perf_counter) -> float:
@@ -108,36 +110,56 @@ def bench_subject(subject: Subject, clients: list[int], modes: list[str], repeat
     adapter_bytes = state_bytes(adapters[0])
     touched = {base_key(path): subject.base[base_key(path)] for path in lora_pairs(subject.adapter_shapes)}
     touched_bytes = state_bytes(touched)
-    print(f"# {subject.name}: {len(touched)} adapted weights ({touched_bytes / 2**20:.1f} MiB), LoRA rank "
-          f"{subject.rank}, {adapter_bytes / 2**20:.2f} MiB of factors per client", flush=True)
+    print(
+        f"# {subject.name}: {len(touched)} adapted weights ({touched_bytes / 2**20:.1f} MiB), LoRA rank "
+        f"{subject.rank}, {adapter_bytes / 2**20:.2f} MiB of factors per client",
+        flush=True,
+    )
     buffer = torch.ones((adapter_bytes * max(clients) + touched_bytes) // 4)  # the floors' bytes
     rows = []
     for mode in modes:
         for count in clients:
             chosen = adapters[:count]
             weights = example_weights([100 + 7 * i for i in range(count)])
-            seconds = best_of(repeats, lambda: centralize(subject.base, chosen, weights, subject.scale, mode), clock)
-            memory = memory_floor(buffer, adapter_bytes * count + touched_bytes, touched_bytes, repeats, clock)
+            seconds = best_of(
+                repeats, lambda: centralize(subject.base, chosen, weights, subject.scale, mode), clock
+            )
+            memory = memory_floor(
+                buffer, adapter_bytes * count + touched_bytes, touched_bytes, repeats, clock
+            )
             inner = subject.rank * count if mode == "product" else subject.rank
             compute = compute_floor(shapes, inner, repeats, clock)
             floor = max(memory, compute)
-            row = dict(model=subject.name, mode=mode, clients=count, seconds=seconds, memory_floor=memory,
-                       compute_floor=compute, ratio=seconds / floor, bound="compute" if compute > memory else "memory",
-                       per_client=seconds / count)
+            row = dict(
+                model=subject.name,
+                mode=mode,
+                clients=count,
+                seconds=seconds,
+                memory_floor=memory,
+                compute_floor=compute,
+                ratio=seconds / floor,
+                bound="compute" if compute > memory else "memory",
+                per_client=seconds / count,
+            )
             print_row(row)
             rows.append(row)
     del buffer
     return rows
 
 
-HEADER = (f"{'model':<24} {'mode':<8} {'clients':>7} {'seconds':>9} {'mem floor':>9} {'cmp floor':>9} "
-          f"{'ratio':>7} {'bound':<7} {'s/client':>9}")
+HEADER = (
+    f"{'model':<24} {'mode':<8} {'clients':>7} {'seconds':>9} {'mem floor':>9} {'cmp floor':>9} "
+    f"{'ratio':>7} {'bound':<7} {'s/client':>9}"
+)
 
 
 def print_row(row: dict) -> None:
-    print(f"{row['model']:<24} {row['mode']:<8} {row['clients']:>7} {row['seconds']:>9.4f} "
-          f"{row['memory_floor']:>9.4f} {row['compute_floor']:>9.4f} {row['ratio']:>7.2f} {row['bound']:<7} "
-          f"{row['per_client']:>9.5f}", flush=True)
+    print(
+        f"{row['model']:<24} {row['mode']:<8} {row['clients']:>7} {row['seconds']:>9.4f} "
+        f"{row['memory_floor']:>9.4f} {row['compute_floor']:>9.4f} {row['ratio']:>7.2f} {row['bound']:<7} "
+        f"{row['per_client']:>9.5f}",
+        flush=True,
+    )
 
 
 def print_summary(rows: list[dict]) -> None:
@@ -150,9 +172,11 @@ def print_summary(rows: list[dict]) -> None:
         intercept, slope = fit_line(xs, ys)
         worst = max(abs(y - (intercept + slope * x)) / y for x, y in zip(xs, ys))
         growth = ys[-1] / ys[0]
-        print(f"{key[0]:<24} {key[1]:<8} within 3x at {len(within)}/{len(group)} client counts {within}; "
-              f"fit {intercept:.4f} s + {slope:.5f} s/client (worst residual {100 * worst:.0f}%); "
-              f"{xs[-1] / xs[0]:.0f}x clients -> {growth:.1f}x time")
+        print(
+            f"{key[0]:<24} {key[1]:<8} within 3x at {len(within)}/{len(group)} client counts {within}; "
+            f"fit {intercept:.4f} s + {slope:.5f} s/client (worst residual {100 * worst:.0f}%); "
+            f"{xs[-1] / xs[0]:.0f}x clients -> {growth:.1f}x time"
+        )
 
 
 def int_list(text: str) -> list[int]:
@@ -172,15 +196,21 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--modes", type=name_list(MERGE_MODES, "--modes"), default=list(MERGE_MODES))
     parser.add_argument("--repeats", type=int, default=3, help="best of this many runs per figure")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
-    parser.add_argument("--clock", choices=tuple(CLOCKS), default="wall",
-                        help="wall time, or process CPU time (all threads' together: use with --threads 1)")
+    parser.add_argument(
+        "--clock",
+        choices=tuple(CLOCKS),
+        default="wall",
+        help="wall time, or process CPU time (all threads' together: use with --threads 1)",
+    )
     args = parser.parse_args(argv)
     if args.repeats < 1:
         parser.error(f"--repeats {args.repeats}: must be >= 1")
     if args.threads:
         torch.set_num_threads(args.threads)
-    print(f"centralize(): best of {args.repeats}, {torch.get_num_threads()} torch threads, {args.clock} clock; "
-          "floors measured in the same run; seconds per merge")
+    print(
+        f"centralize(): best of {args.repeats}, {torch.get_num_threads()} torch threads, {args.clock} clock; "
+        "floors measured in the same run; seconds per merge"
+    )
     print(HEADER)
     rows = []
     for name in args.models:

@@ -33,8 +33,12 @@ def main() -> None:
     with private_superlink(work, {"CL_FED_CACHE": str(work / "cache")}) as env:
         for label in ("cold (empty cache)", "cached"):
             start = time.perf_counter()
-            run_dir = flwr_run({"scenario": args.scenario, "output-dir": str(work / "runs")}, num_supernodes=sites,
-                               env=env, stream=False)
+            run_dir = flwr_run(
+                {"scenario": args.scenario, "output-dir": str(work / "runs")},
+                num_supernodes=sites,
+                env=env,
+                stream=False,
+            )
             figures.append((label, time.perf_counter() - start, run_dir))
     assert (work / "cache" / "speech").is_dir(), "the run did not use the benchmark's private cache"
     print(f"machine: {platform.node()} {os.cpu_count()} cores, {platform.processor() or platform.machine()}")

@@ -21,10 +21,24 @@ from cl_fed.models.tiny import build_tiny
 
 # config.json of openai/whisper-base and openai/whisper-small
 WHISPER_SIZES = {
-    "whisper-base": dict(d_model=512, encoder_layers=6, decoder_layers=6, encoder_attention_heads=8,
-                         decoder_attention_heads=8, encoder_ffn_dim=2048, decoder_ffn_dim=2048),
-    "whisper-small": dict(d_model=768, encoder_layers=12, decoder_layers=12, encoder_attention_heads=12,
-                          decoder_attention_heads=12, encoder_ffn_dim=3072, decoder_ffn_dim=3072),
+    "whisper-base": dict(
+        d_model=512,
+        encoder_layers=6,
+        decoder_layers=6,
+        encoder_attention_heads=8,
+        decoder_attention_heads=8,
+        encoder_ffn_dim=2048,
+        decoder_ffn_dim=2048,
+    ),
+    "whisper-small": dict(
+        d_model=768,
+        encoder_layers=12,
+        decoder_layers=12,
+        encoder_attention_heads=12,
+        decoder_attention_heads=12,
+        encoder_ffn_dim=3072,
+        decoder_ffn_dim=3072,
+    ),
 }
 MODELS = ("tiny", *WHISPER_SIZES)
 
@@ -41,8 +55,13 @@ def build(name: str, seed: int = 0) -> tuple[str, nn.Module, LoraSpec]:
 
     from cl_fed.models.hf import WhisperSpeech
 
-    config = WhisperConfig(vocab_size=51865, num_mel_bins=80, max_source_positions=1500,
-                           max_target_positions=448, **WHISPER_SIZES[name])
+    config = WhisperConfig(
+        vocab_size=51865,
+        num_mel_bins=80,
+        max_source_positions=1500,
+        max_target_positions=448,
+        **WHISPER_SIZES[name],
+    )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = WhisperForConditionalGeneration(config)
@@ -51,10 +70,14 @@ def build(name: str, seed: int = 0) -> tuple[str, nn.Module, LoraSpec]:
 
 def name_list(allowed: tuple[str, ...], flag: str):
     """argparse type for a comma-separated list of names from `allowed`."""
+
     def parse(text: str) -> list[str]:
         names = [part.strip() for part in text.split(",") if part.strip()]
         unknown = [n for n in names if n not in allowed]
         if unknown or not names:
-            raise argparse.ArgumentTypeError(f"{flag} {text!r}: unknown {unknown}; choose from {', '.join(allowed)}")
+            raise argparse.ArgumentTypeError(
+                f"{flag} {text!r}: unknown {unknown}; choose from {', '.join(allowed)}"
+            )
         return names
+
     return parse

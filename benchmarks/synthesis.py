@@ -24,21 +24,34 @@ def scaled(scenario: Scenario, utterances: int) -> Scenario:
     def scale(n: int) -> int:
         return round(n * factor)
 
-    foundation = dataclasses.replace(scenario.foundation, train_utterances=scale(scenario.foundation.train_utterances),
-                                     test_utterances=scale(scenario.foundation.test_utterances))
+    foundation = dataclasses.replace(
+        scenario.foundation,
+        train_utterances=scale(scenario.foundation.train_utterances),
+        test_utterances=scale(scenario.foundation.test_utterances),
+    )
     stages = tuple(
-        dataclasses.replace(stage, test_utterances=scale(stage.test_utterances),
-                            sites={site: dataclasses.replace(c, train_utterances=scale(c.train_utterances))
-                                   for site, c in stage.sites.items()})
-        for stage in scenario.stages)
+        dataclasses.replace(
+            stage,
+            test_utterances=scale(stage.test_utterances),
+            sites={
+                site: dataclasses.replace(c, train_utterances=scale(c.train_utterances))
+                for site, c in stage.sites.items()
+            },
+        )
+        for stage in scenario.stages
+    )
     return dataclasses.replace(scenario, foundation=foundation, stages=stages)
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--scenario", default="default", help="packaged name or YAML path (default: default)")
-    parser.add_argument("--utterances", type=int, default=600, help="about this many utterances (default 600; 0 = all)")
-    parser.add_argument("--workers", type=int, default=None, help="worker processes (default: as generate decides)")
+    parser.add_argument(
+        "--utterances", type=int, default=600, help="about this many utterances (default 600; 0 = all)"
+    )
+    parser.add_argument(
+        "--workers", type=int, default=None, help="worker processes (default: as generate decides)"
+    )
     args = parser.parse_args(argv)
 
     scenario = load_scenario(args.scenario)

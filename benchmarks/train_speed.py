@@ -28,7 +28,6 @@ from cl_fed.data.synth import generate
 from cl_fed.models.tiny import build_tiny
 from cl_fed.train import FeatureCache, TrainConfig, train_local
 
-
 TARGET = "target: LoRA >= 100x real time for the tiny model on 2 cores"
 
 
@@ -46,11 +45,15 @@ def run(mode: str, utterances, cache: FeatureCache, args) -> None:
     if mode == "lora":
         spec = LoraSpec(speech.lora_rank, speech.lora_alpha, speech.lora_dropout, speech.lora_targets)
         speech.model = attach_lora(speech.model, spec, seed=0)
-    config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=1e-3, warmup_steps=10, progress=False)
+    config = TrainConfig(
+        epochs=args.epochs, batch_size=args.batch_size, lr=1e-3, warmup_steps=10, progress=False
+    )
     if args.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     resident_before = current_rss_mib()
-    train_local(speech, utterances[: args.batch_size], TrainConfig(max_steps=2, progress=False), cache=cache)  # warm-up
+    train_local(
+        speech, utterances[: args.batch_size], TrainConfig(max_steps=2, progress=False), cache=cache
+    )  # warm-up
     start = time.perf_counter()
     result = train_local(speech, utterances, config, cache=cache)
     wall = time.perf_counter() - start
@@ -67,7 +70,9 @@ def run(mode: str, utterances, cache: FeatureCache, args) -> None:
         flush=True,
     )
     if mode == "lora":
-        print(f"      {TARGET} (measured {speed:.0f}x with {torch.get_num_threads()} torch threads)", flush=True)
+        print(
+            f"      {TARGET} (measured {speed:.0f}x with {torch.get_num_threads()} torch threads)", flush=True
+        )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -76,8 +81,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--mode", choices=("both", "lora", "full"), default="both",
-                        help="both: lora, then full, each in a fresh process (default)")
+    parser.add_argument(
+        "--mode",
+        choices=("both", "lora", "full"),
+        default="both",
+        help="both: lora, then full, each in a fresh process (default)",
+    )
     parser.add_argument("--no-header", action="store_true", help=argparse.SUPPRESS)  # set for the children
     args = parser.parse_args(argv)
     if args.threads:
@@ -96,7 +105,14 @@ def main(argv: list[str] | None = None) -> None:
         flags = [f"--epochs={args.epochs}", f"--batch-size={args.batch_size}", f"--device={args.device}"]
         flags += [f"--threads={args.threads}"] if args.threads else []
         for mode in ("lora", "full"):
-            command = [sys.executable, "-m", "benchmarks.train_speed", *flags, f"--mode={mode}", "--no-header"]
+            command = [
+                sys.executable,
+                "-m",
+                "benchmarks.train_speed",
+                *flags,
+                f"--mode={mode}",
+                "--no-header",
+            ]
             subprocess.run(command, check=True)
         return
     cache = FeatureCache()

@@ -47,9 +47,7 @@ class LoraSpec:
             raise ValueError(f"LoraSpec.dropout must be in [0, 1), got {self.dropout!r}")
         names_ok = all(isinstance(name, str) and name for name in self.target_modules)
         if not self.target_modules or not names_ok:
-            raise ValueError(
-                f"LoraSpec.target_modules must be non-empty names, got {self.target_modules!r}"
-            )
+            raise ValueError(f"LoraSpec.target_modules must be non-empty names, got {self.target_modules!r}")
 
     @property
     def scale(self) -> float:
@@ -75,9 +73,7 @@ def _check_linear_only(peft_model: peft.PeftModel, adapter_name: str) -> None:
             raise ValueError(f"LoRA target {path!r} is a {kind}; only nn.Linear is supported")
 
 
-def reset_adapters(
-    peft_model: peft.PeftModel, seed: int, adapter_name: str = DEFAULT_ADAPTER
-) -> None:
+def reset_adapters(peft_model: peft.PeftModel, seed: int, adapter_name: str = DEFAULT_ADAPTER) -> None:
     """Fresh adapter after a merge: A ~ peft's kaiming-uniform init, B = 0, so model == base.
 
     A is drawn on CPU from a generator seeded by (seed, module path): the same on every device,
@@ -118,9 +114,7 @@ def attach_lora(model: nn.Module, spec: LoraSpec, seed: int) -> peft.PeftModel:
     return peft_model
 
 
-def adapter_state(
-    peft_model: peft.PeftModel, adapter_name: str = DEFAULT_ADAPTER
-) -> dict[str, torch.Tensor]:
+def adapter_state(peft_model: peft.PeftModel, adapter_name: str = DEFAULT_ADAPTER) -> dict[str, torch.Tensor]:
     """The adapter's factors as detached fp32 CPU clones under stable names, keys sorted."""
     state = {}
     for path, layer in _lora_layers(peft_model, adapter_name).items():
@@ -141,9 +135,7 @@ def load_adapter_state(
     missing = sorted(set(targets) - set(state))
     extra = sorted(set(state) - set(targets))
     if missing or extra:
-        raise ValueError(
-            f"adapter state does not match the model: missing {missing[:5]}, extra {extra[:5]}"
-        )
+        raise ValueError(f"adapter state does not match the model: missing {missing[:5]}, extra {extra[:5]}")
     for key, target in targets.items():
         _check_shape("adapter", key, state[key], target)
     with torch.no_grad():
@@ -172,7 +164,7 @@ def _base_tensors(peft_model: peft.PeftModel) -> dict[str, torch.Tensor]:
             continue
         rest = name[len(owner) + 1 :]
         if rest.startswith("base_layer."):  # peft moved the original layer one level down
-            tensors[f"{owner}.{rest[len('base_layer.'):]}"] = tensor
+            tensors[f"{owner}.{rest[len('base_layer.') :]}"] = tensor
         # anything else under a LoRA layer is an adapter tensor, not part of the base
     return tensors
 
@@ -183,18 +175,14 @@ def base_state(peft_model: peft.PeftModel) -> dict[str, torch.Tensor]:
     return {name: tensor.detach().to("cpu").clone() for name, tensor in tensors}
 
 
-def load_base_state(
-    peft_model: peft.PeftModel, state: dict[str, torch.Tensor], strict: bool = True
-) -> None:
+def load_base_state(peft_model: peft.PeftModel, state: dict[str, torch.Tensor], strict: bool = True) -> None:
     """Write new base weights in place (after centralization). Unknown keys or shapes are errors;
     missing keys too unless strict=False (e.g. a server that only ships the merged weights)."""
     targets = _base_tensors(peft_model)
     extra = sorted(set(state) - set(targets))
     missing = sorted(set(targets) - set(state)) if strict else []
     if extra or missing:
-        raise ValueError(
-            f"base state does not match the model: missing {missing[:5]}, extra {extra[:5]}"
-        )
+        raise ValueError(f"base state does not match the model: missing {missing[:5]}, extra {extra[:5]}")
     for key, value in state.items():
         _check_shape("base", key, value, targets[key])
     with torch.no_grad():
@@ -207,9 +195,7 @@ def save_adapter(peft_model: peft.PeftModel, directory: str | Path) -> None:
     peft_model.save_pretrained(str(directory))
 
 
-def load_adapter(
-    model: nn.Module, directory: str | Path, trainable: bool = False
-) -> peft.PeftModel:
+def load_adapter(model: nn.Module, directory: str | Path, trainable: bool = False) -> peft.PeftModel:
     """Wrap `model` with the adapter saved by `save_adapter` (PEFT format) in `directory`."""
     config_file = Path(directory) / "adapter_config.json"
     if not config_file.is_file():

@@ -55,9 +55,7 @@ def example_weights(num_examples: list[int], uniform: bool = False) -> list[floa
     for index, count in enumerate(num_examples):
         is_number = isinstance(count, (int, float)) and not isinstance(count, bool)
         if not is_number or not math.isfinite(count) or count < 0:
-            raise ValueError(
-                f"example_weights: num_examples[{index}] = {count!r} is not a count >= 0"
-            )
+            raise ValueError(f"example_weights: num_examples[{index}] = {count!r} is not a count >= 0")
     total = float(sum(num_examples))
     if total == 0:
         raise ValueError(f"example_weights: all {len(num_examples)} clients report 0 examples")
@@ -125,8 +123,7 @@ def factors_delta(
     for index, a in enumerate(As):
         if a.shape != As[0].shape:
             raise ValueError(
-                f"factors_delta: adapter {index} has rank {a.shape[0]}, "
-                f"adapter 0 rank {As[0].shape[0]}"
+                f"factors_delta: adapter {index} has rank {a.shape[0]}, adapter 0 rank {As[0].shape[0]}"
             )
     mean_a = sum(w * a.to(torch.float64) for w, a in zip(weights, As))
     mean_b = sum(w * b.to(torch.float64) for w, b in zip(weights, Bs))
@@ -151,9 +148,7 @@ def centralize(
     for index, adapter_pairs in enumerate(pairs[1:], start=1):
         if adapter_pairs.keys() != pairs[0].keys():
             differ = sorted(adapter_pairs.keys() ^ pairs[0].keys())
-            raise ValueError(
-                f"centralize: adapter {index} covers other modules than adapter 0: {differ[:5]}"
-            )
+            raise ValueError(f"centralize: adapter {index} covers other modules than adapter 0: {differ[:5]}")
     delta_of = product_delta if mode == "product" else factors_delta
     merged = dict(base)
     for path in pairs[0]:
@@ -166,8 +161,7 @@ def centralize(
         delta = delta_of(As, Bs, weights, scale)
         if delta.shape != weight.shape:
             raise ValueError(
-                f"centralize: update for {key!r} is {tuple(delta.shape)}, "
-                f"weight is {tuple(weight.shape)}"
+                f"centralize: update for {key!r} is {tuple(delta.shape)}, weight is {tuple(weight.shape)}"
             )
         merged[key] = delta.add_(weight).to(weight.dtype)  # in float64, rounded to the base dtype once
     return merged
@@ -182,9 +176,7 @@ def average_adapters(
     for index, adapter in enumerate(adapters[1:], start=1):
         if set(adapter) != set(keys):
             differ = sorted(set(adapter) ^ set(keys))
-            raise ValueError(
-                f"average_adapters: adapter {index} has other keys than adapter 0: {differ[:5]}"
-            )
+            raise ValueError(f"average_adapters: adapter {index} has other keys than adapter 0: {differ[:5]}")
         for key in keys:
             got, first = tuple(adapter[key].shape), tuple(adapters[0][key].shape)
             if got != first:
@@ -268,8 +260,7 @@ class AdapterPool:
     def load_state_dict(self, state: dict) -> None:
         if state.get("size") != self.size:
             raise ValueError(
-                f"AdapterPool.load_state_dict: checkpoint size {state.get('size')!r}, "
-                f"pool size {self.size}"
+                f"AdapterPool.load_state_dict: checkpoint size {state.get('size')!r}, pool size {self.size}"
             )
         if len(state["groups"]) > self.size:
             raise ValueError(f"AdapterPool.load_state_dict: {len(state['groups'])} groups, size {self.size}")
@@ -301,22 +292,16 @@ def validate_adapter(
             kind = tensor.dtype if isinstance(tensor, torch.Tensor) else type(tensor).__name__
             raise AdapterRejected(f"adapter {key!r} is not a floating-point tensor ({kind})")
         if tuple(tensor.shape) != expected:
-            raise AdapterRejected(
-                f"adapter {key!r} has shape {tuple(tensor.shape)}, expected {expected}"
-            )
+            raise AdapterRejected(f"adapter {key!r} has shape {tuple(tensor.shape)}, expected {expected}")
         if not torch.isfinite(tensor).all():
             raise AdapterRejected(f"adapter {key!r} contains NaN or Inf")
         norm = float(torch.linalg.vector_norm(tensor.to(torch.float64)))
         if max_norm is not None and norm > max_norm:
-            raise AdapterRejected(
-                f"adapter {key!r} has Frobenius norm {norm:.6g} > bound {max_norm:.6g}"
-            )
+            raise AdapterRejected(f"adapter {key!r} has Frobenius norm {norm:.6g} > bound {max_norm:.6g}")
         total_squares += norm**2
     total = math.sqrt(total_squares)
     if max_norm is not None and total > max_norm:
-        raise AdapterRejected(
-            f"adapter update has total Frobenius norm {total:.6g} > bound {max_norm:.6g}"
-        )
+        raise AdapterRejected(f"adapter update has total Frobenius norm {total:.6g} > bound {max_norm:.6g}")
 
 
 def state_bytes(state: dict[str, torch.Tensor]) -> int:

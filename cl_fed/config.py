@@ -121,7 +121,7 @@ class RunConfig:
             name += f"-{key}{_name_part(values[key])}"
         return f"{name}-seed{cfg.seed}"
 
-    def effective(self) -> "RunConfig":
+    def effective(self) -> RunConfig:
         """The same run with the knobs its strategy ignores at their defaults (fedavg has no
         schedule or LoRA; fedavg-lora never merges; LoRA strategies have no full-lr), so that
         configurations that train the same way compare (and deduplicate) as equal."""
@@ -167,7 +167,9 @@ def make_config(overrides: dict | None = None, *, source: str = "run config") ->
     if cfg.merge not in MERGE_MODES:
         raise ValueError(f"{source}: merge={cfg.merge!r}; choose one of {', '.join(MERGE_MODES)}")
     if cfg.evaluation not in EVALUATION_MODES:
-        raise ValueError(f"{source}: evaluation={cfg.evaluation!r}; choose one of {', '.join(EVALUATION_MODES)}")
+        raise ValueError(
+            f"{source}: evaluation={cfg.evaluation!r}; choose one of {', '.join(EVALUATION_MODES)}"
+        )
     if cfg.bad_rows not in ("raise", "skip"):
         raise ValueError(f"{source}: bad-rows={cfg.bad_rows!r}; choose raise or skip")
     if cfg.weighting not in ("examples", "uniform"):
@@ -186,7 +188,9 @@ def make_config(overrides: dict | None = None, *, source: str = "run config") ->
     every = str(cfg.centralize_every).strip().lower()
     if every not in ("round", "stage"):  # the divisibility check needs the scenario: done in schedule()
         parse_schedule(every, num_stages=max(1, int(every)) if every.isdigit() else 1)
-    every = "stage" if every == "1" else str(int(every)) if every.isdigit() else every  # one spelling per schedule
+    every = (
+        "stage" if every == "1" else str(int(every)) if every.isdigit() else every
+    )  # one spelling per schedule
     return replace(cfg, centralize_every=every)
 
 
@@ -204,13 +208,19 @@ def check_privacy(cfg: RunConfig, source: str) -> None:
     if not cfg.dp_noise:
         return
     if cfg.strategy not in DP_STRATEGIES:
-        raise ValueError(f"{source}: dp-noise={cfg.dp_noise!r} with strategy={cfg.strategy!r}: differential privacy "
-                         f"covers shared adapter updates; use strategy {' or '.join(map(repr, DP_STRATEGIES))}")
+        raise ValueError(
+            f"{source}: dp-noise={cfg.dp_noise!r} with strategy={cfg.strategy!r}: differential privacy "
+            f"covers shared adapter updates; use strategy {' or '.join(map(repr, DP_STRATEGIES))}"
+        )
     if cfg.strategy == "centralization" and cfg.merge == "product":
-        raise ValueError(f"{source}: dp-noise={cfg.dp_noise!r} with merge='product': the exact product merge uses "
-                         "every site's own factors, which carry no noise; use merge='factors' (it merges the "
-                         "noised mean) or dp-noise=0")
+        raise ValueError(
+            f"{source}: dp-noise={cfg.dp_noise!r} with merge='product': the exact product merge uses "
+            "every site's own factors, which carry no noise; use merge='factors' (it merges the "
+            "noised mean) or dp-noise=0"
+        )
     if cfg.weighting != "uniform":
-        raise ValueError(f"{source}: dp-noise={cfg.dp_noise!r} with weighting={cfg.weighting!r}: the noise is "
-                         "calibrated to a mean in which each site weighs 1/n (example counts are private and "
-                         "would set the sensitivity); use weighting='uniform'")
+        raise ValueError(
+            f"{source}: dp-noise={cfg.dp_noise!r} with weighting={cfg.weighting!r}: the noise is "
+            "calibrated to a mean in which each site weighs 1/n (example counts are private and "
+            "would set the sensitivity); use weighting='uniform'"
+        )

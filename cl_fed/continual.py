@@ -1,10 +1,10 @@
 """Building blocks of the continual loop, shared by the single-site runner and the Flower apps.
 
-    data:      prepare_data(cfg)           scenario -> cached synthetic dataset -> StageStream
-    model:     starting_model(cfg, ...)    the cached foundation base (embedded model) or a named model
-    factorize: lora_spec, train_config     LoRA shape and local training settings from the run config
-    evaluate:  evaluate_all(speech, ...)   WER/CER on every test set -> results.Evaluation
-    identity:  state_checksum(state)       which base a site holds
+data:      prepare_data(cfg)           scenario -> cached synthetic dataset -> StageStream
+model:     starting_model(cfg, ...)    the cached foundation base (embedded model) or a named model
+factorize: lora_spec, train_config     LoRA shape and local training settings from the run config
+evaluate:  evaluate_all(speech, ...)   WER/CER on every test set -> results.Evaluation
+identity:  state_checksum(state)       which base a site holds
 """
 
 from __future__ import annotations
@@ -33,13 +33,16 @@ MANIFEST_SUFFIXES = (".jsonl", ".json", ".csv")
 def prepare_data(cfg: RunConfig, progress: bool = True) -> tuple[Scenario | None, StageStream]:
     """A scenario (generated once, cached) or a user manifest, as a site x stage stream."""
     if Path(cfg.scenario).suffix.lower() in MANIFEST_SUFFIXES:
-        stream = StageStream.from_manifest(cfg.scenario, on_error=cfg.bad_rows,
-                                           max_seconds=cfg.max_seconds or None)
+        stream = StageStream.from_manifest(
+            cfg.scenario, on_error=cfg.bad_rows, max_seconds=cfg.max_seconds or None
+        )
         if progress and stream.load_summary is not None and stream.load_summary.num_skipped:
             print(f"[cl-fed] {stream.load_summary.format()}", flush=True)
         return None, first_sites(stream, cfg.sites)
     scenario = load_scenario(cfg.scenario)
-    return scenario, first_sites(StageStream.from_dataset_dir(generate(scenario, progress=progress)), cfg.sites)
+    return scenario, first_sites(
+        StageStream.from_dataset_dir(generate(scenario, progress=progress)), cfg.sites
+    )
 
 
 def first_sites(stream: StageStream, count: int) -> StageStream:
@@ -47,7 +50,9 @@ def first_sites(stream: StageStream, count: int) -> StageStream:
     if count == 0 or count == len(stream.sites):
         return stream
     if count > len(stream.sites):
-        raise ValueError(f"sites={count}, but {stream.source} has only {len(stream.sites)} sites: {stream.sites}")
+        raise ValueError(
+            f"sites={count}, but {stream.source} has only {len(stream.sites)} sites: {stream.sites}"
+        )
     return stream.with_sites(stream.sites[:count])
 
 

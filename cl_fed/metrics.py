@@ -29,8 +29,8 @@ Each metric, with its sign convention (WER in percent points):
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import jiwer
 
@@ -72,8 +72,10 @@ def _normalised_pairs(references: Sequence[str], hypotheses: Sequence[str]) -> t
     refs, hyps = [], []
     for index, (ref, hyp) in enumerate(zip(references, hypotheses)):
         if not isinstance(ref, str) or not isinstance(hyp, str):
-            raise TypeError(f"pair {index}: reference and hypothesis must be str, got "
-                            f"{type(ref).__name__} and {type(hyp).__name__}")
+            raise TypeError(
+                f"pair {index}: reference and hypothesis must be str, got "
+                f"{type(ref).__name__} and {type(hyp).__name__}"
+            )
         ref_norm = normalize_text(ref)
         if not ref_norm:
             raise ValueError(f"reference {index} is empty after normalisation: {ref!r}")
@@ -111,7 +113,9 @@ def _finite_vector(values: Sequence[float], length: int, name: str) -> list[floa
     except TypeError:
         raise ValueError(f"{name} = {values!r} is not a sequence of numbers") from None
     if len(values) != length:
-        raise ValueError(f"{name} has {len(values)} entries, expected {length} (one per stage; R must be square)")
+        raise ValueError(
+            f"{name} has {len(values)} entries, expected {length} (one per stage; R must be square)"
+        )
     numbers = []
     for j, value in enumerate(values):
         try:
@@ -157,7 +161,9 @@ def continual_metrics(
     }
     if T > 1:
         metrics["bwt"] = _mean([R[j][j] - R[last][j] for j in range(last)])
-        metrics["forgetting"] = _mean([R[last][j] - min(R[l][j] for l in range(j, last)) for j in range(last)])
+        metrics["forgetting"] = _mean(
+            [R[last][j] - min(R[l][j] for l in range(j, last)) for j in range(last)]
+        )
     if single_task is not None:
         single_task = _finite_vector(single_task, T, "single_task")
         metrics["fwt"] = _mean([single_task[j] - diagonal[j] for j in range(T)])

@@ -28,12 +28,15 @@ def update_norm(adapter: dict[str, torch.Tensor], start: dict[str, torch.Tensor]
     if set(adapter) != set(start):
         differ = sorted(set(adapter) ^ set(start))
         raise ValueError(f"update_norm: the adapter and its start differ in keys, e.g. {differ[:3]}")
-    squares = sum(float(torch.sum((adapter[k].to(torch.float64) - start[k].to(torch.float64)) ** 2)) for k in start)
+    squares = sum(
+        float(torch.sum((adapter[k].to(torch.float64) - start[k].to(torch.float64)) ** 2)) for k in start
+    )
     return math.sqrt(squares)
 
 
-def clip_update(adapter: dict[str, torch.Tensor], start: dict[str, torch.Tensor],
-                clip: float) -> dict[str, torch.Tensor]:
+def clip_update(
+    adapter: dict[str, torch.Tensor], start: dict[str, torch.Tensor], clip: float
+) -> dict[str, torch.Tensor]:
     """start + (adapter - start) * min(1, clip / norm): the update scaled down to L2 norm `clip`
     when it is longer, untouched otherwise (computed in float64, returned in the adapter's dtype)."""
     if not clip > 0:
@@ -94,7 +97,9 @@ def epsilon(noise_multiplier: float, sample_rate: float, steps: int, delta: floa
         return 0.0
     if noise_multiplier <= 0:
         return math.inf
-    from opacus.accountants import RDPAccountant  # imported here: Opacus loads in seconds, only DP runs need it
+    from opacus.accountants import (
+        RDPAccountant,
+    )  # imported here: Opacus loads in seconds, only DP runs need it
 
     accountant = RDPAccountant()
     for _ in range(steps):
@@ -108,12 +113,16 @@ def accountant_version() -> str:
     return f"{ACCOUNTANT} (opacus {version('opacus')})"
 
 
-def privacy_report(noise_multiplier: float, clip: float, delta: float, sample_rate: float, steps: int,
-                   noise_seed_source: str) -> dict:
+def privacy_report(
+    noise_multiplier: float, clip: float, delta: float, sample_rate: float, steps: int, noise_seed_source: str
+) -> dict:
     """The results.json "privacy" object after `steps` noised aggregations."""
-    sampling = ("every site every round (no amplification by sampling)" if sample_rate == 1.0 else
-                f"a fixed-size sample of fraction-train={sample_rate} of the sites each round, accounted as "
-                "Poisson sampling at that rate (the DP-FedAvg convention)")
+    sampling = (
+        "every site every round (no amplification by sampling)"
+        if sample_rate == 1.0
+        else f"a fixed-size sample of fraction-train={sample_rate} of the sites each round, accounted as "
+        "Poisson sampling at that rate (the DP-FedAvg convention)"
+    )
     return {
         "mechanism": MECHANISM,
         "unit": UNIT,
@@ -127,5 +136,5 @@ def privacy_report(noise_multiplier: float, clip: float, delta: float, sample_ra
         "accountant": accountant_version(),
         "noise_seed": noise_seed_source,
         "covers": "the adapters and every base the server merges and sends; not the training losses, "
-                  "example counts or federated-evaluation error counts the sites report",
+        "example counts or federated-evaluation error counts the sites report",
     }

@@ -72,8 +72,14 @@ class RunRecord:
         try:  # a test set nobody could score (NaN) leaves the metrics undefined, not the run lost
             metrics = continual_metrics(wer_matrix, initial=initial_wer) if complete and not joint else None
             if complete and joint:
-                metrics = {"awer": continual_metrics([wer_matrix[0]] * len(self.stages))["awer"], "new_stage_wer": None,
-                           "bwt": None, "forgetting": None, "fwt": None, "intransigence": None}
+                metrics = {
+                    "awer": continual_metrics([wer_matrix[0]] * len(self.stages))["awer"],
+                    "new_stage_wer": None,
+                    "bwt": None,
+                    "forgetting": None,
+                    "fwt": None,
+                    "intransigence": None,
+                }
         except ValueError:
             metrics = None
         extra = sorted({k for e in self.after_stage for k in e.wer} - set(self.stages))
@@ -91,7 +97,10 @@ class RunRecord:
             "initial_cer": [self.initial.cer[s] for s in self.stages] if self.initial else None,
             # other test sets (e.g. the foundation domain): WER after each stage
             "other_test_sets": {
-                k: {"wer": [e.wer.get(k) for e in self.after_stage], "cer": [e.cer.get(k) for e in self.after_stage]}
+                k: {
+                    "wer": [e.wer.get(k) for e in self.after_stage],
+                    "cer": [e.cer.get(k) for e in self.after_stage],
+                }
                 for k in extra
             },
             "metrics": metrics,

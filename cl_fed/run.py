@@ -38,8 +38,10 @@ SINGLE_SITE_STRATEGIES = ("centralization", "fedavg", "fedavg-lora")
 def run_single_site(cfg: RunConfig, site: str = "all", progress: bool = True) -> Path:
     """Run the continual loop on one site; returns the run directory."""
     if cfg.strategy not in SINGLE_SITE_STRATEGIES:
-        raise ValueError(f"strategy={cfg.strategy!r} needs several sites; the single-site runner "
-                         f"takes {', '.join(SINGLE_SITE_STRATEGIES)}")
+        raise ValueError(
+            f"strategy={cfg.strategy!r} needs several sites; the single-site runner "
+            f"takes {', '.join(SINGLE_SITE_STRATEGIES)}"
+        )
     refuse_privacy(cfg)
     start = time.perf_counter()
     scenario, stream = prepare_data(cfg, progress=progress)
@@ -59,8 +61,11 @@ def run_single_site(cfg: RunConfig, site: str = "all", progress: bool = True) ->
         config={**cfg.to_dict(), "site": site},
         stages=stages,
     )
-    _say(progress, f"[cl-fed] single site ({site}): {len(stages)} stages, strategy {cfg.strategy}; "
-                   f"evaluating the starting base on {len(sets)} test sets")
+    _say(
+        progress,
+        f"[cl-fed] single site ({site}): {len(stages)} stages, strategy {cfg.strategy}; "
+        f"evaluating the starting base on {len(sets)} test sets",
+    )
     record.initial = evaluate_all(speech, sets, "initial")
 
     lora = cfg.strategy != "fedavg"
@@ -82,16 +87,29 @@ def run_single_site(cfg: RunConfig, site: str = "all", progress: bool = True) ->
         for r in range(cfg.rounds_per_stage):
             seed = round_seed(cfg, t, r)
             result = train_local(speech, data, train_config(cfg, full=not lora, seed=seed, progress=progress))
-            entry = {"stage": t, "stage_name": stage, "round": r, "loss": result.loss,
-                     "num_examples": result.num_examples, "audio_seconds": result.audio_seconds,
-                     "seconds": result.wall_seconds, "bytes_up": 0, "bytes_down": 0,
-                     "clients_used": [site], "clients_dropped": [], "merged": False}
+            entry = {
+                "stage": t,
+                "stage_name": stage,
+                "round": r,
+                "loss": result.loss,
+                "num_examples": result.num_examples,
+                "audio_seconds": result.audio_seconds,
+                "seconds": result.wall_seconds,
+                "bytes_up": 0,
+                "bytes_down": 0,
+                "clients_used": [site],
+                "clients_dropped": [],
+                "merged": False,
+            }
             if pool is not None and schedule.merge_after_round():
                 merge([adapter_state(speech.model)], [1.0], round_seed(cfg, t, r + 1))
                 entry["merged"] = True
             record.rounds.append(entry)
-            _say(progress, f"[cl-fed] stage {t + 1}/{len(stages)} {stage} round {r + 1}/{cfg.rounds_per_stage}: "
-                           f"loss {result.loss:.3f}, {result.audio_seconds / max(result.wall_seconds, 1e-9):.0f}x real time")
+            _say(
+                progress,
+                f"[cl-fed] stage {t + 1}/{len(stages)} {stage} round {r + 1}/{cfg.rounds_per_stage}: "
+                f"loss {result.loss:.3f}, {result.audio_seconds / max(result.wall_seconds, 1e-9):.0f}x real time",
+            )
         pending = None
         if pool is not None and schedule.unit == "stage":
             pool.add(adapter_state(speech.model))
@@ -118,8 +136,10 @@ def run_single_site(cfg: RunConfig, site: str = "all", progress: bool = True) ->
 def refuse_privacy(cfg: RunConfig) -> None:
     """Differential privacy is site-level noise on the federated mean; one site has no mean to noise."""
     if cfg.dp_noise:
-        raise ValueError(f"dp-noise={cfg.dp_noise!r}: differential privacy applies to federated runs only "
-                         "(`flwr run`); the single-site and joint runners have no federation to protect")
+        raise ValueError(
+            f"dp-noise={cfg.dp_noise!r}: differential privacy applies to federated runs only "
+            "(`flwr run`); the single-site and joint runners have no federation to protect"
+        )
 
 
 def joint_run_name(cfg: RunConfig) -> str:
@@ -128,7 +148,7 @@ def joint_run_name(cfg: RunConfig) -> str:
         return cfg.run_name
     name = replace(cfg, strategy="fedavg").default_run_name()
     scenario = Path(cfg.scenario).stem
-    return f"{scenario}-joint{name[len(scenario) + len('-fedavg'):]}"
+    return f"{scenario}-joint{name[len(scenario) + len('-fedavg') :]}"
 
 
 def run_joint(cfg: RunConfig, progress: bool = True) -> Path:
@@ -143,17 +163,39 @@ def run_joint(cfg: RunConfig, progress: bool = True) -> Path:
     cfg = replace(cfg, strategy="fedavg").effective()  # full fine-tuning: no schedule, no LoRA knobs
     run_name = joint_run_name(cfg)
     run_dir = Path(cfg.output_dir or runs_root()) / run_name
-    record = RunRecord(run_name=run_name, strategy="joint", schedule={"mode": "joint"},
-                       config={**cfg.to_dict(), "mode": "joint"}, stages=stream.stages)
-    _say(progress, f"[cl-fed] joint training on all {len(stream.stages)} stages of {len(stream.sites)} sites at once")
+    record = RunRecord(
+        run_name=run_name,
+        strategy="joint",
+        schedule={"mode": "joint"},
+        config={**cfg.to_dict(), "mode": "joint"},
+        stages=stream.stages,
+    )
+    _say(
+        progress,
+        f"[cl-fed] joint training on all {len(stream.stages)} stages of {len(stream.sites)} sites at once",
+    )
     record.initial = evaluate_all(speech, sets, "initial")
     data = [u for s in stream.sites for t in range(len(stream.stages)) for u in stream.site(s).enter(t)]
     for r in range(cfg.rounds_per_stage):
-        result = train_local(speech, data, train_config(cfg, full=True, seed=round_seed(cfg, 0, r), progress=progress))
-        record.rounds.append({"stage": None, "stage_name": "all", "round": r, "loss": result.loss,
-                              "num_examples": result.num_examples, "audio_seconds": result.audio_seconds,
-                              "seconds": result.wall_seconds, "bytes_up": 0, "bytes_down": 0,
-                              "clients_used": ["all"], "clients_dropped": [], "merged": False})
+        result = train_local(
+            speech, data, train_config(cfg, full=True, seed=round_seed(cfg, 0, r), progress=progress)
+        )
+        record.rounds.append(
+            {
+                "stage": None,
+                "stage_name": "all",
+                "round": r,
+                "loss": result.loss,
+                "num_examples": result.num_examples,
+                "audio_seconds": result.audio_seconds,
+                "seconds": result.wall_seconds,
+                "bytes_up": 0,
+                "bytes_down": 0,
+                "clients_used": ["all"],
+                "clients_dropped": [],
+                "merged": False,
+            }
+        )
         _say(progress, f"[cl-fed] joint round {r + 1}/{cfg.rounds_per_stage}: loss {result.loss:.3f}")
     record.after_stage.append(evaluate_all(speech, sets, "joint"))
     record.wall_seconds = time.perf_counter() - start

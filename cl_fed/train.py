@@ -51,7 +51,9 @@ class TrainConfig:
         if self.batch_size < 1 or self.epochs < 0 or (self.max_steps is not None and self.max_steps < 0):
             raise ValueError(f"TrainConfig needs batch_size >= 1, epochs >= 0, max_steps >= 0: {self}")
         if self.lr <= 0 or self.warmup_steps < 0 or self.grad_clip < 0 or self.weight_decay < 0:
-            raise ValueError(f"TrainConfig needs lr > 0 and warmup_steps, grad_clip, weight_decay >= 0: {self}")
+            raise ValueError(
+                f"TrainConfig needs lr > 0 and warmup_steps, grad_clip, weight_decay >= 0: {self}"
+            )
 
 
 @dataclass
@@ -146,8 +148,10 @@ def _check_texts(speech: SpeechModel, utterances: list[Utterance]) -> None:
     for u in utterances:
         unknown = vocab.unknown_characters(u.text)
         if unknown:
-            raise ValueError(f"utterance {u.id!r} ({u.audio}): text {u.text!r} has characters {unknown} "
-                             "the model vocabulary cannot spell")
+            raise ValueError(
+                f"utterance {u.id!r} ({u.audio}): text {u.text!r} has characters {unknown} "
+                "the model vocabulary cannot spell"
+            )
 
 
 def _freeze_frozen_batchnorm(model: torch.nn.Module) -> None:
@@ -210,7 +214,9 @@ def train_local(
                     loss = speech.loss(batch)
                 if not torch.isfinite(loss):
                     ids = [utterances[i].id for i in indices]
-                    raise FloatingPointError(f"non-finite training loss {loss.item()} at step {step}, batch {ids}")
+                    raise FloatingPointError(
+                        f"non-finite training loss {loss.item()} at step {step}, batch {ids}"
+                    )
                 (scaler.scale(loss) if scaler else loss).backward()
                 if scaler:
                     scaler.unscale_(optimizer)

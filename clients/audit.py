@@ -24,7 +24,9 @@ def describe(msg: Message) -> dict:
     for name, record in content.array_records.items():
         out["arrays"][name] = {k: [str(v.dtype), list(v.shape)] for k, v in record.items()}
     for name, record in content.config_records.items():
-        out["configs"][name] = {k: v if not isinstance(v, bytes) else f"<{len(v)} bytes>" for k, v in record.items()}
+        out["configs"][name] = {
+            k: v if not isinstance(v, bytes) else f"<{len(v)} bytes>" for k, v in record.items()
+        }
     for name, record in content.metric_records.items():
         out["metrics"][name] = dict(record)
     return out

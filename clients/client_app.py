@@ -46,10 +46,18 @@ def clip_adapter_update(msg: Message, context: Context, call_next) -> Message:
     if msg.metadata.message_type != MessageType.TRAIN or config is None or KEY_CLIPPING_NORM not in config:
         return call_next(msg, context)
     if "adapter" not in msg.content.array_records:
-        raise ValueError("clip_adapter_update: a DP train message must carry the adapter the site starts from")
-    view = Message(RecordDict({"adapter": msg.content["adapter"],
-                               "config": ConfigRecord({KEY_CLIPPING_NORM: config[KEY_CLIPPING_NORM]})}),
-                   metadata=copy.copy(msg.metadata))
+        raise ValueError(
+            "clip_adapter_update: a DP train message must carry the adapter the site starts from"
+        )
+    view = Message(
+        RecordDict(
+            {
+                "adapter": msg.content["adapter"],
+                "config": ConfigRecord({KEY_CLIPPING_NORM: config[KEY_CLIPPING_NORM]}),
+            }
+        ),
+        metadata=copy.copy(msg.metadata),
+    )
     return fixedclipping_mod(view, context, lambda _view, ctx: call_next(msg, ctx))
 
 
@@ -77,11 +85,17 @@ def sync_base(site: Site, msg: Message) -> None:
         site.set_base(_tensors(msg.content["base"]))
     elif sync == "merge" and site.checksum == str(conf["base-from"]):
         count = int(conf["merge-count"])
-        site.apply_merge(_unstack(msg.content["merge"], count), list(conf["merge-weights"]),
-                         float(conf["merge-scale"]), str(conf["merge-mode"]))
+        site.apply_merge(
+            _unstack(msg.content["merge"], count),
+            list(conf["merge-weights"]),
+            float(conf["merge-scale"]),
+            str(conf["merge-mode"]),
+        )
     if site.checksum != str(conf["base-checksum"]):
-        raise StaleBase(f"site {site.name}: holds base {site.checksum[:12] or '(none)'}, "
-                        f"message assumes {str(conf['base-checksum'])[:12]}; the server will send the full base")
+        raise StaleBase(
+            f"site {site.name}: holds base {site.checksum[:12] or '(none)'}, "
+            f"message assumes {str(conf['base-checksum'])[:12]}; the server will send the full base"
+        )
 
 
 def _site(context: Context) -> Site:
@@ -117,18 +131,22 @@ def train(msg: Message, context: Context) -> Message:
         arrays = adapter_state(site.speech.model)
     else:
         arrays = {k: v.detach().to(torch.float32).clone() for k, v in site.speech.model.state_dict().items()}
-        site.set_base(start, persist=False)  # the site keeps holding the base it names; its update is in the reply
+        site.set_base(
+            start, persist=False
+        )  # the site keeps holding the base it names; its update is in the reply
     if fault and fault["fault"] == "nan":
         arrays = {k: torch.full_like(v, float("nan")) for k, v in arrays.items()}
     if site.cfg.strategy == "local":
         merge_locally(site, arrays, conf)
-    metrics = MetricRecord({
-        "num-examples": result.num_examples,
-        "train-loss": float(result.loss),
-        "audio-seconds": float(result.audio_seconds),
-        "train-seconds": float(result.wall_seconds),
-        "rows-skipped": site.stream.load_summary.num_skipped if site.stream.load_summary else 0,
-    })
+    metrics = MetricRecord(
+        {
+            "num-examples": result.num_examples,
+            "train-loss": float(result.loss),
+            "audio-seconds": float(result.audio_seconds),
+            "train-seconds": float(result.wall_seconds),
+            "rows-skipped": site.stream.load_summary.num_skipped if site.stream.load_summary else 0,
+        }
+    )
     state = ConfigRecord({"site": site.name, "base-checksum": site.checksum})
     reply = RecordDict({"arrays": ArrayRecord(arrays), "metrics": metrics, "site": state})
     return Message(content=reply, reply_to=msg)
@@ -166,7 +184,10 @@ def evaluate(msg: Message, context: Context) -> Message:
     base = site.base()
     pending: tuple[list, list] = ([], [])
     if site.cfg.strategy != "local" and int(conf["pending-count"]):
-        pending = (_unstack(msg.content["pending"], int(conf["pending-count"])), list(conf["pending-weights"]))
+        pending = (
+            _unstack(msg.content["pending"], int(conf["pending-count"])),
+            list(conf["pending-weights"]),
+        )
     elif site.cfg.strategy == "local" and site.pool_state and site.pool_state["groups"]:
         pool = AdapterPool(int(site.pool_state["size"]))
         pool.load_state_dict(site.pool_state)

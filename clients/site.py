@@ -79,8 +79,10 @@ def node_data(cfg: RunConfig, node_config: dict) -> RunConfig:
     if "/" in data or Path(data).suffix:
         path = Path(data).expanduser()
         if not path.is_absolute():
-            raise ValueError(f"node-config data={data!r}: give an absolute path (the ClientApp does not run "
-                             "in the SuperNode's working directory)")
+            raise ValueError(
+                f"node-config data={data!r}: give an absolute path (the ClientApp does not run "
+                "in the SuperNode's working directory)"
+            )
         if not path.is_file():
             raise FileNotFoundError(f"node-config data={data!r}: no such file")
         data = str(path)
@@ -93,14 +95,18 @@ def site_name(node_config: dict, stream: StageStream) -> str:
     if "site" in node_config:
         name = str(node_config["site"])
         if name not in stream.sites:
-            raise ValueError(f"node-config site={name!r} is not in the data ({stream.source}); "
-                             f"sites: {', '.join(stream.sites)}")
+            raise ValueError(
+                f"node-config site={name!r} is not in the data ({stream.source}); "
+                f"sites: {', '.join(stream.sites)}"
+            )
         return name
     if "partition-id" not in node_config:
         if len(stream.sites) == 1:
             return stream.sites[0]
-        raise ValueError(f"node config needs 'site' (deployment) or 'partition-id' (simulation): "
-                         f"the data ({stream.source}) has {len(stream.sites)} sites: {', '.join(stream.sites)}")
+        raise ValueError(
+            f"node config needs 'site' (deployment) or 'partition-id' (simulation): "
+            f"the data ({stream.source}) has {len(stream.sites)} sites: {', '.join(stream.sites)}"
+        )
     index = int(node_config["partition-id"])
     if not 0 <= index < len(stream.sites):
         raise ValueError(f"partition-id={index} but the data has {len(stream.sites)} sites")

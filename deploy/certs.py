@@ -45,21 +45,35 @@ def _load_key(path: Path) -> ec.EllipticCurvePrivateKey:
         raise ValueError(f"{path}: not a readable private key ({error})") from None
 
 
-def _certificate(subject: str, public_key, issuer: x509.Name, signer, days: int, ca: bool,
-                 hosts=()) -> x509.Certificate:
+def _certificate(
+    subject: str, public_key, issuer: x509.Name, signer, days: int, ca: bool, hosts=()
+) -> x509.Certificate:
     """A CA certificate (self-signed when `signer` is its own key), or a server certificate for
     localhost, 127.0.0.1 and `hosts`."""
     now = datetime.datetime.now(datetime.timezone.utc)
     valid = (now - datetime.timedelta(minutes=5), now + datetime.timedelta(days=days))  # 5 min of clock skew
-    builder = (x509.CertificateBuilder()
-               .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
-               .issuer_name(issuer).public_key(public_key).serial_number(x509.random_serial_number())
-               .not_valid_before(valid[0]).not_valid_after(valid[1])
-               .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
+        .issuer_name(issuer)
+        .public_key(public_key)
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(valid[0])
+        .not_valid_after(valid[1])
+        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+    )
     if ca:  # digital signature, certificate and CRL signing
-        usage = x509.KeyUsage(digital_signature=True, content_commitment=False, key_encipherment=False,
-                              data_encipherment=False, key_agreement=False, key_cert_sign=True, crl_sign=True,
-                              encipher_only=False, decipher_only=False)
+        usage = x509.KeyUsage(
+            digital_signature=True,
+            content_commitment=False,
+            key_encipherment=False,
+            data_encipherment=False,
+            key_agreement=False,
+            key_cert_sign=True,
+            crl_sign=True,
+            encipher_only=False,
+            decipher_only=False,
+        )
         builder = builder.add_extension(usage, critical=True)
     else:
         names = []
@@ -68,8 +82,9 @@ def _certificate(subject: str, public_key, issuer: x509.Name, signer, days: int,
                 names.append(x509.IPAddress(ipaddress.ip_address(host)))
             except ValueError:
                 names.append(x509.DNSName(host))
-        builder = (builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
-                   .add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), critical=False))
+        builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False).add_extension(
+            x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), critical=False
+        )
     return builder.sign(signer, hashes.SHA384())
 
 
@@ -81,8 +96,9 @@ def make_tls(out: Path, hosts: list[str] = (), days: int = 365, renew: bool = Fa
         ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "cl-fed federation CA")])
         ca_cert = _certificate("cl-fed federation CA", ca_key.public_key(), ca_name, ca_key, days, ca=True)
         server_key = ec.generate_private_key(ec.SECP384R1())
-        server_cert = _certificate("cl-fed superlink", server_key.public_key(), ca_name, ca_key, days, ca=False,
-                                   hosts=hosts)
+        server_cert = _certificate(
+            "cl-fed superlink", server_key.public_key(), ca_name, ca_key, days, ca=False, hosts=hosts
+        )
         _write_key(paths["ca.key"], ca_key)
         atomic_write_bytes(paths["ca.crt"], ca_cert.public_bytes(serialization.Encoding.PEM))
         _write_key(paths["server.key"], server_key)
@@ -99,17 +115,26 @@ def make_supernode_key(out: Path, site: str, renew: bool = False) -> tuple[Path,
     if renew or not (private.is_file() and public.is_file()):
         key = ec.generate_private_key(ec.SECP384R1())
         _write_key(private, key, serialization.PrivateFormat.OpenSSH)
-        atomic_write_bytes(public, key.public_key().public_bytes(serialization.Encoding.OpenSSH,
-                                                                 serialization.PublicFormat.OpenSSH) + b"\n")
+        atomic_write_bytes(
+            public,
+            key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+            + b"\n",
+        )
     return private, public
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, default=Path("certs"), help="directory for the files (default: certs)")
+    parser.add_argument(
+        "--out", type=Path, default=Path("certs"), help="directory for the files (default: certs)"
+    )
     parser.add_argument("--sites", nargs="*", default=[], help="one SuperNode key pair per site name")
-    parser.add_argument("--host", action="append", default=[],
-                        help="another name or IP the SuperLink is reached at (repeatable)")
+    parser.add_argument(
+        "--host",
+        action="append",
+        default=[],
+        help="another name or IP the SuperLink is reached at (repeatable)",
+    )
     parser.add_argument("--days", type=int, default=365, help="validity of the certificates (default: 365)")
     parser.add_argument("--renew-tls", action="store_true", help="make a new CA and server certificate")
     parser.add_argument("--renew-keys", action="store_true", help="make new key pairs for the --sites named")

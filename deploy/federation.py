@@ -40,6 +40,7 @@ from simulations.superlink import free_port, wait_until_healthy
 @dataclass
 class Federation:
     """What `local_federation` started: enough to run the app against it and to stop it."""
+
     name: str  # the SuperLink connection's name in the CLI's config.toml
     address: str  # host:port of the SuperLink (all its APIs)
     work: Path
@@ -54,12 +55,24 @@ def _start(command: list[str], log: Path, home: Path, env: dict | None) -> subpr
     """A Flower process with its own FLWR_HOME, output to `log`, in a session of its own."""
     home.mkdir(parents=True, exist_ok=True)
     with open(log, "ab") as out:
-        return subprocess.Popen([str(c) for c in command], env=flower_env({**(env or {}), "FLWR_HOME": str(home)}),
-                                cwd=log.parent, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        return subprocess.Popen(
+            [str(c) for c in command],
+            env=flower_env({**(env or {}), "FLWR_HOME": str(home)}),
+            cwd=log.parent,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
 
 
-def start_superlink(work: Path, port: int, certs: dict[str, Path] | None, auth: bool = True,
-                    env: dict | None = None, database: Path | None = None) -> subprocess.Popen:
+def start_superlink(
+    work: Path,
+    port: int,
+    certs: dict[str, Path] | None,
+    auth: bool = True,
+    env: dict | None = None,
+    database: Path | None = None,
+) -> subprocess.Popen:
     """`flower-superlink` on 127.0.0.1:<port>, TLS with `certs` (None = insecure), SuperNode auth on/off.
 
     Its ServerApp runs in a subprocess with this environment (CL_FED_CACHE, ...). State (registered
@@ -76,15 +89,22 @@ def start_superlink(work: Path, port: int, certs: dict[str, Path] | None, auth: 
             raise ValueError("SuperNode authentication needs TLS: pass the certificates of deploy/certs.py")
         command += ["--insecure"]
     else:
-        command += ["--ssl-ca-certfile", certs["ca.crt"], "--ssl-certfile", certs["server.crt"],
-                    "--ssl-keyfile", certs["server.key"]]
+        command += [
+            "--ssl-ca-certfile",
+            certs["ca.crt"],
+            "--ssl-certfile",
+            certs["server.crt"],
+            "--ssl-keyfile",
+            certs["server.key"],
+        ]
     if auth:
         command += ["--enable-supernode-auth"]
     return _start(command, folder / "superlink.log", folder / "home", env)
 
 
-def wait_for_superlink(address: str, ca: Path | None, process: subprocess.Popen, log: Path,
-                       timeout: float = 60.0) -> None:
+def wait_for_superlink(
+    address: str, ca: Path | None, process: subprocess.Popen, log: Path, timeout: float = 60.0
+) -> None:
     """Until GET /health answers (over TLS, verified against the CA, when `ca` is given)."""
     verify = ssl.create_default_context(cafile=str(ca)) if ca else True
     wait_until_healthy(f"{'https' if ca else 'http'}://{address}/health", process, timeout, log, verify)
@@ -92,8 +112,13 @@ def wait_for_superlink(address: str, ca: Path | None, process: subprocess.Popen,
 
 def write_cli_config(home: Path, name: str, address: str, ca: Path | None) -> Path:
     """$FLWR_HOME/config.toml of the `flwr` CLI with the one connection `name` (the default)."""
-    lines = ["[superlink]", f"default = {toml_value(name)}", "", f"[superlink.{name}]",
-             f"address = {toml_value(address)}"]
+    lines = [
+        "[superlink]",
+        f"default = {toml_value(name)}",
+        "",
+        f"[superlink.{name}]",
+        f"address = {toml_value(address)}",
+    ]
     lines += [f"root-certificates = {toml_value(str(Path(ca).resolve()))}"] if ca else ["insecure = true"]
     path = home / "config.toml"
     atomic_write_text(path, "\n".join(lines) + "\n")
@@ -102,46 +127,72 @@ def write_cli_config(home: Path, name: str, address: str, ca: Path | None) -> Pa
 
 def flwr_cli(args: list, cli_env: dict, timeout: float = 60.0) -> dict:
     """A `flwr ... --format json` command; its JSON answer, or an error with Flower's message."""
-    done = subprocess.run([str(BIN / "flwr"), *map(str, args), "--format", "json"], env=cli_env,
-                          capture_output=True, text=True, timeout=timeout)
+    done = subprocess.run(
+        [str(BIN / "flwr"), *map(str, args), "--format", "json"],
+        env=cli_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     try:
-        answer = json.JSONDecoder().raw_decode(done.stdout[done.stdout.index("{"):])[0]
+        answer = json.JSONDecoder().raw_decode(done.stdout[done.stdout.index("{") :])[0]
     except (ValueError, json.JSONDecodeError):
         answer = {}
     if done.returncode != 0 or not answer.get("success"):
-        raise RuntimeError(f"flwr {' '.join(map(str, args))} failed (exit {done.returncode}): "
-                           f"{answer.get('error-message') or done.stdout[-2000:] + done.stderr[-2000:]}")
+        raise RuntimeError(
+            f"flwr {' '.join(map(str, args))} failed (exit {done.returncode}): "
+            f"{answer.get('error-message') or done.stdout[-2000:] + done.stderr[-2000:]}"
+        )
     return answer
 
 
 def register_supernode(public_key: Path, superlink: str, cli_env: dict, name: str | None = None) -> int:
     """Admit a SuperNode's public key (OpenSSH ECDSA) to the federation; returns its node id."""
-    return int(flwr_cli(["supernode", "register", public_key, superlink, *(["--name", name] if name else [])],
-                        cli_env)["node-id"])
+    return int(
+        flwr_cli(
+            ["supernode", "register", public_key, superlink, *(["--name", name] if name else [])], cli_env
+        )["node-id"]
+    )
 
 
 def online_supernodes(superlink: str, cli_env: dict) -> list[dict]:
     return [n for n in flwr_cli(["supernode", "ls", superlink], cli_env)["nodes"] if n["status"] == "online"]
 
 
-def start_supernode(work: Path, site: str, superlink_address: str, port: int, node_config: dict,
-                    ca: Path | None = None, private_key: Path | None = None,
-                    env: dict | None = None) -> subprocess.Popen:
+def start_supernode(
+    work: Path,
+    site: str,
+    superlink_address: str,
+    port: int,
+    node_config: dict,
+    ca: Path | None = None,
+    private_key: Path | None = None,
+    env: dict | None = None,
+) -> subprocess.Popen:
     """`flower-supernode` for one site: `node_config` (e.g. site=..., data=...) reaches its ClientApp;
     `port` is its own ClientAppIo (Runtime) API port, one per SuperNode on a machine."""
     folder = work / site
     folder.mkdir(parents=True, exist_ok=True)
-    command = [BIN / "flower-supernode", "--superlink", superlink_address, "--port", port,
-               "--isolation", "subprocess",
-               "--node-config", " ".join(f"{k}={toml_value(v)}" for k, v in node_config.items())]
+    command = [
+        BIN / "flower-supernode",
+        "--superlink",
+        superlink_address,
+        "--port",
+        port,
+        "--isolation",
+        "subprocess",
+        "--node-config",
+        " ".join(f"{k}={toml_value(v)}" for k, v in node_config.items()),
+    ]
     command += ["--root-certificates", ca] if ca else ["--insecure"]
     if private_key:
         command += ["--auth-supernode-private-key", private_key]
     return _start(command, folder / "supernode.log", folder / "home", env)
 
 
-def wait_for_supernodes(count: int, superlink: str, cli_env: dict, processes: dict[str, subprocess.Popen],
-                        timeout: float = 60.0) -> None:
+def wait_for_supernodes(
+    count: int, superlink: str, cli_env: dict, processes: dict[str, subprocess.Popen], timeout: float = 60.0
+) -> None:
     """Until `count` SuperNodes are online; a SuperNode that exits meanwhile is an error naming its log."""
     deadline = time.monotonic() + timeout
     while len(online_supernodes(superlink, cli_env)) < count:
@@ -187,23 +238,38 @@ def _kill(processes: list[psutil.Process]) -> None:
 
 
 @contextmanager
-def local_federation(work: Path, sites: list[str], data: str | dict[str, str], *, tls: bool = True,
-                     auth: bool = True, env: dict | None = None, name: str = "deployment", timeout: float = 90.0):
+def local_federation(
+    work: Path,
+    sites: list[str],
+    data: str | dict[str, str],
+    *,
+    tls: bool = True,
+    auth: bool = True,
+    env: dict | None = None,
+    name: str = "deployment",
+    timeout: float = 90.0,
+):
     """A SuperLink and one SuperNode per site on this machine (node config `site=<site> data=<data>`,
     `data` the same for all or one per site), with TLS and SuperNode authentication; yields the
     Federation and stops every process on exit."""
     work = Path(work).resolve()
     if auth and not tls:
-        raise ValueError("SuperNode authentication needs TLS (Flower refuses --enable-supernode-auth without it)")
+        raise ValueError(
+            "SuperNode authentication needs TLS (Flower refuses --enable-supernode-auth without it)"
+        )
     certs = make_tls(work / "certs") if tls else {}
     port = free_port()
     address = f"127.0.0.1:{port}"
     cli_home = work / "cli-home"
     write_cli_config(cli_home, name, address, certs.get("ca.crt"))
-    federation = Federation(name, address, work, flower_env({**(env or {}), "FLWR_HOME": str(cli_home)}), certs)
+    federation = Federation(
+        name, address, work, flower_env({**(env or {}), "FLWR_HOME": str(cli_home)}), certs
+    )
     try:
         superlink = federation.processes["superlink"] = start_superlink(work, port, certs or None, auth, env)
-        wait_for_superlink(address, certs.get("ca.crt"), superlink, work / "superlink" / "superlink.log", timeout)
+        wait_for_superlink(
+            address, certs.get("ca.crt"), superlink, work / "superlink" / "superlink.log", timeout
+        )
         for site in sites:
             key = None
             if auth:
@@ -211,7 +277,8 @@ def local_federation(work: Path, sites: list[str], data: str | dict[str, str], *
                 federation.node_ids[site] = register_supernode(public, name, federation.cli_env, name=site)
             node_config = {"site": site, "data": data[site] if isinstance(data, dict) else data}
             federation.processes[f"supernode:{site}"] = start_supernode(
-                work, site, address, free_port(), node_config, certs.get("ca.crt"), key, env)
+                work, site, address, free_port(), node_config, certs.get("ca.crt"), key, env
+            )
         wait_for_supernodes(len(sites), name, federation.cli_env, federation.processes, timeout)
         yield federation
     finally:
@@ -228,12 +295,16 @@ def is_gone(pid: int) -> bool:
 
 # ---- fault drills ----------------------------------------------------------------------------------
 
+
 def submit_run(federation: Federation, overrides: dict, app_dir: Path | None = None) -> str:
     """`flwr run <app> <federation>` without waiting for the run; returns its run id (follow it with
     simulations.flower.wait_for_run / run_status, passing federation.cli_env and federation.name)."""
     make_config(overrides)  # a bad key is an error here, before anything is submitted
-    answer = flwr_cli(["run", app_dir or project_root(), federation.name, "--run-config", run_config_arg(overrides)],
-                      federation.cli_env, timeout=120)
+    answer = flwr_cli(
+        ["run", app_dir or project_root(), federation.name, "--run-config", run_config_arg(overrides)],
+        federation.cli_env,
+        timeout=120,
+    )
     return str(answer["run-id"])
 
 

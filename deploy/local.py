@@ -34,7 +34,9 @@ def parse_run_config(text: str) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--scenario", default="tiny", help="packaged scenario name, scenario YAML or manifest")
+    parser.add_argument(
+        "--scenario", default="tiny", help="packaged scenario name, scenario YAML or manifest"
+    )
     parser.add_argument("--sites", type=int, default=0, help="SuperNodes: the data's first N sites (0 = all)")
     parser.add_argument("--work", type=Path, default=Path("deploy-work"), help="certificates, logs, runs")
     parser.add_argument("--run-config", default="", help="more run-config overrides, 'key=value ...'")
@@ -42,24 +44,35 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=3600, help="seconds the run may take")
     args = parser.parse_args(argv)
 
-    overrides = {"scenario": args.scenario, "output-dir": str((args.work / "runs").resolve()),
-                 **parse_run_config(args.run_config)}
+    overrides = {
+        "scenario": args.scenario,
+        "output-dir": str((args.work / "runs").resolve()),
+        **parse_run_config(args.run_config),
+    }
     if args.sites:
         overrides["sites"] = args.sites
     if Path(args.scenario).suffix or "/" in args.scenario:
         overrides["scenario"] = str(Path(args.scenario).resolve())  # every process resolves it the same way
     _, stream = prepare_data(make_config(overrides))  # errors (and data generation) before anything starts
     start = time.perf_counter()
-    print(f"[deploy] {len(stream.sites)} SuperNodes ({', '.join(stream.sites)}), work dir {args.work.resolve()}",
-          flush=True)
-    with local_federation(args.work, stream.sites, overrides["scenario"], tls=not args.insecure,
-                          auth=not args.insecure) as federation:
-        print(f"[deploy] SuperLink {federation.address} and {len(stream.sites)} SuperNodes up after "
-              f"{time.perf_counter() - start:.0f} s; running `flwr run . {federation.name}`", flush=True)
+    print(
+        f"[deploy] {len(stream.sites)} SuperNodes ({', '.join(stream.sites)}), work dir {args.work.resolve()}",
+        flush=True,
+    )
+    with local_federation(
+        args.work, stream.sites, overrides["scenario"], tls=not args.insecure, auth=not args.insecure
+    ) as federation:
+        print(
+            f"[deploy] SuperLink {federation.address} and {len(stream.sites)} SuperNodes up after "
+            f"{time.perf_counter() - start:.0f} s; running `flwr run . {federation.name}`",
+            flush=True,
+        )
         run_dir = flwr_run(overrides, superlink=federation.name, env=federation.cli_env, timeout=args.timeout)
     results = json.loads((run_dir / "results.json").read_text())
-    print(f"[deploy] done in {time.perf_counter() - start:.0f} s; every process stopped; "
-          f"AWER {results['metrics']['awer']:.1f}%")
+    print(
+        f"[deploy] done in {time.perf_counter() - start:.0f} s; every process stopped; "
+        f"AWER {results['metrics']['awer']:.1f}%"
+    )
     print(f"[deploy] results: {run_dir / 'results.json'}")
     return 0
 

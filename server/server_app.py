@@ -21,8 +21,8 @@ from flwr.serverapp import Grid, ServerApp
 from cl_fed.adapters import LoraSpec, adapter_state, attach_lora
 from cl_fed.centralize import centralize
 from cl_fed.config import RunConfig, make_config
-from cl_fed.faults import InjectedCrash, stop_after_round
 from cl_fed.continual import evaluate_all, lora_spec, prepare_data, starting_model, state_checksum, test_sets
+from cl_fed.faults import InjectedCrash, stop_after_round
 from cl_fed.paths import runs_root
 from cl_fed.privacy import privacy_report
 from cl_fed.results import Evaluation, RunRecord
@@ -39,13 +39,17 @@ def wait_for_sites(grid: Grid, num_sites: int, timeout: float = 120.0) -> list[i
     while True:
         nodes = list(grid.get_node_ids())
         if len(nodes) > num_sites:
-            raise ValueError(f"{len(nodes)} SuperNodes are connected but the data has {num_sites} sites: "
-                             f"start one SuperNode per site (simulation: num-supernodes={num_sites})")
+            raise ValueError(
+                f"{len(nodes)} SuperNodes are connected but the data has {num_sites} sites: "
+                f"start one SuperNode per site (simulation: num-supernodes={num_sites})"
+            )
         if len(nodes) == num_sites:
             return nodes
         if time.monotonic() > deadline:
-            raise ValueError(f"only {len(nodes)} SuperNodes connected after {timeout:.0f} s, but the data has "
-                             f"{num_sites} sites (simulation: num-supernodes={num_sites})")
+            raise ValueError(
+                f"only {len(nodes)} SuperNodes connected after {timeout:.0f} s, but the data has "
+                f"{num_sites} sites (simulation: num-supernodes={num_sites})"
+            )
         time.sleep(1.0)
 
 
@@ -74,9 +78,13 @@ def main(grid: Grid, context: Context) -> None:
         reference = {k: v.shape for k, v in speech.model.state_dict().items()}
     base = {k: v.detach().clone() for k, v in speech.model.state_dict().items()}
     state = ServerState(base=base, checksum=state_checksum(base))
-    record = RunRecord(run_name=run_name, strategy=cfg.strategy,
-                       schedule={**schedule.to_dict(), "merge": cfg.merge, "rounds_per_stage": cfg.rounds_per_stage},
-                       config=cfg.to_dict(), stages=stages)
+    record = RunRecord(
+        run_name=run_name,
+        strategy=cfg.strategy,
+        schedule={**schedule.to_dict(), "merge": cfg.merge, "rounds_per_stage": cfg.rounds_per_stage},
+        config=cfg.to_dict(),
+        stages=stages,
+    )
     position = (0, 0)
     if cfg.resume and (run_dir / "checkpoint.pt").is_file():
         state, record, position = load_checkpoint(run_dir / "checkpoint.pt", state)
@@ -90,7 +98,9 @@ def main(grid: Grid, context: Context) -> None:
         adapters, weights = strategy.pending()
         if federated:
             return federated_evaluation(grid, strategy, label, stages, adapters, weights, cfg)
-        weights_now = centralize(state.base, adapters, weights, spec.scale, cfg.merge) if adapters else state.base
+        weights_now = (
+            centralize(state.base, adapters, weights, spec.scale, cfg.merge) if adapters else state.base
+        )
         speech.model.load_state_dict(weights_now)
         return evaluate_all(speech, sets, label)
 
@@ -109,24 +119,40 @@ def main(grid: Grid, context: Context) -> None:
             timeout = cfg.round_timeout + (120 if server_round == 1 else 0)  # first round: workers start
             replies = grid.send_and_receive(messages, timeout=timeout)
             strategy.aggregate_train(server_round, replies)
-            entry = {**strategy.round_log, "stage_name": stages[t], "seconds": round(time.perf_counter() - tick, 3)}
-            entry["loss"] = (sum(l * n for l, n in zip(entry["losses"], entry["num_examples"]))
-                             / max(sum(entry["num_examples"]), 1)) if entry["losses"] else None
+            entry = {
+                **strategy.round_log,
+                "stage_name": stages[t],
+                "seconds": round(time.perf_counter() - tick, 3),
+            }
+            entry["loss"] = (
+                (
+                    sum(l * n for l, n in zip(entry["losses"], entry["num_examples"]))
+                    / max(sum(entry["num_examples"]), 1)
+                )
+                if entry["losses"]
+                else None
+            )
             record.rounds.append(entry)
             if cfg.dp_noise:
                 record.privacy = privacy_now(cfg, record.rounds)
-            print(f"[cl-fed] stage {t + 1}/{len(stages)} {stages[t]} round {r + 1}/{cfg.rounds_per_stage}: "
-                  f"{len(entry['clients_used'])} sites used, {len(entry['clients_dropped'])} dropped, "
-                  f"loss {entry['loss'] if entry['loss'] is not None else float('nan'):.3f}"
-                  f"{', merged into the base' if entry['merged'] else ''}"
-                  f"{privacy_line(record.privacy) if cfg.dp_noise else ''}", flush=True)
+            print(
+                f"[cl-fed] stage {t + 1}/{len(stages)} {stages[t]} round {r + 1}/{cfg.rounds_per_stage}: "
+                f"{len(entry['clients_used'])} sites used, {len(entry['clients_dropped'])} dropped, "
+                f"loss {entry['loss'] if entry['loss'] is not None else float('nan'):.3f}"
+                f"{', merged into the base' if entry['merged'] else ''}"
+                f"{privacy_line(record.privacy) if cfg.dp_noise else ''}",
+                flush=True,
+            )
             last = r == cfg.rounds_per_stage - 1
             if not last:
                 save_checkpoint(run_dir / "checkpoint.pt", state, record, (t, r + 1))
                 crash_if_injected(server_round)
         record.after_stage.append(evaluate(stages[t]))
         wers = record.after_stage[-1].wer
-        print(f"[cl-fed] after {stages[t]}: WER " + ", ".join(f"{k} {v:.1f}" for k, v in wers.items()), flush=True)
+        print(
+            f"[cl-fed] after {stages[t]}: WER " + ", ".join(f"{k} {v:.1f}" for k, v in wers.items()),
+            flush=True,
+        )
         save_checkpoint(run_dir / "checkpoint.pt", state, record, (t + 1, 0))
         crash_if_injected(server_round)
     record.wall_seconds += time.perf_counter() - start
@@ -149,9 +175,12 @@ def fresh_adapter(speech, spec, seed: int) -> dict:
 def privacy_now(cfg: RunConfig, rounds: list[dict]) -> dict:
     """The privacy spent so far: one Gaussian release per round whose updates were noised. It derives
     from the checkpointed round log alone, so a resumed run reports what an uninterrupted one does."""
-    source = "run seed and round" + (" and the server's CL_FED_DP_SECRET" if os.environ.get("CL_FED_DP_SECRET") else
-                                     " (reproducible by anyone who knows the run config; set CL_FED_DP_SECRET on "
-                                     "the server to keep the noise secret)")
+    source = "run seed and round" + (
+        " and the server's CL_FED_DP_SECRET"
+        if os.environ.get("CL_FED_DP_SECRET")
+        else " (reproducible by anyone who knows the run config; set CL_FED_DP_SECRET on "
+        "the server to keep the noise secret)"
+    )
     steps = sum(r.get("dp_noise_std") is not None for r in rounds)
     return privacy_report(cfg.dp_noise, cfg.dp_clip, cfg.dp_delta, cfg.fraction_train, steps, source)
 
@@ -176,10 +205,20 @@ def federated_evaluation(grid, strategy, label, stages, adapters, weights, cfg) 
         sync, records = strategy.sync_records(node)  # may itself be a merge instruction: keep it whole
         if adapters:
             records["pending"] = ArrayRecord(stack(adapters))
-        config = ConfigRecord({**sync, "pending-count": len(adapters), "pending-weights": list(weights) or [0.0],
-                               "test-sets": test_names, "stage": strategy.stage})
-        return Message(content=RecordDict({**records, "config": config}), message_type=MessageType.EVALUATE,
-                       dst_node_id=node)
+        config = ConfigRecord(
+            {
+                **sync,
+                "pending-count": len(adapters),
+                "pending-weights": list(weights) or [0.0],
+                "test-sets": test_names,
+                "stage": strategy.stage,
+            }
+        )
+        return Message(
+            content=RecordDict({**records, "config": config}),
+            message_type=MessageType.EVALUATE,
+            dst_node_id=node,
+        )
 
     totals: dict[str, float] = {}
     nodes = list(grid.get_node_ids())
@@ -188,7 +227,9 @@ def federated_evaluation(grid, strategy, label, stages, adapters, weights, cfg) 
         for reply in grid.send_and_receive([message(node) for node in nodes], timeout=cfg.round_timeout):
             node = reply.metadata.src_node_id
             if reply.has_error():
-                print(f"[cl-fed] evaluation failed on node {node}: {last_line(reply.error.reason)}", flush=True)
+                print(
+                    f"[cl-fed] evaluation failed on node {node}: {last_line(reply.error.reason)}", flush=True
+                )
                 strategy.state.node_base.pop(node, None)  # next time: the full base
                 failed.append(node)
                 continue
@@ -205,4 +246,3 @@ def federated_evaluation(grid, strategy, label, stages, adapters, weights, cfg) 
     wer = {s: rate("word-errors", "words", s) for s in test_names}
     cer = {s: rate("char-errors", "chars", s) for s in test_names}
     return Evaluation(label=label, wer=wer, cer=cer, predictions=[])
-

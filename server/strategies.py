@@ -34,7 +34,15 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
-from cl_fed.centralize import AdapterPool, AdapterRejected, average_adapters, centralize, example_weights, state_bytes, validate_adapter
+from cl_fed.centralize import (
+    AdapterPool,
+    AdapterRejected,
+    average_adapters,
+    centralize,
+    example_weights,
+    state_bytes,
+    validate_adapter,
+)
 from cl_fed.config import RunConfig
 from cl_fed.continual import round_seed, state_checksum
 from cl_fed.privacy import clip_update, noise_seed, noise_std, noised_mean, update_norm
@@ -72,12 +80,24 @@ def stack(adapters: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
 class ContinualStrategy(FedAvg):
     lora = True
 
-    def __init__(self, cfg: RunConfig, schedule: Schedule, state: ServerState, reference: dict, scale: float,
-                 num_sites: int):
+    def __init__(
+        self,
+        cfg: RunConfig,
+        schedule: Schedule,
+        state: ServerState,
+        reference: dict,
+        scale: float,
+        num_sites: int,
+    ):
         # the ServerApp waits for every site before the first round (wait_for_sites); after that a
         # site that is gone (a killed SuperNode) must not stall the run, so rounds go on with those online
-        super().__init__(fraction_train=cfg.fraction_train, fraction_evaluate=1.0,
-                         min_train_nodes=1, min_evaluate_nodes=1, min_available_nodes=1)
+        super().__init__(
+            fraction_train=cfg.fraction_train,
+            fraction_evaluate=1.0,
+            min_train_nodes=1,
+            min_evaluate_nodes=1,
+            min_available_nodes=1,
+        )
         self.cfg, self.schedule, self.state = cfg, schedule, state
         self.reference = reference  # expected key -> shape of a reply's arrays
         self.scale = scale
@@ -95,9 +115,16 @@ class ContinualStrategy(FedAvg):
         return round_seed(self.cfg, self.stage, self.round)
 
     def round_config(self) -> dict:
-        config = {"stage": self.stage, "round": self.round, "strategy": self.cfg.strategy,
-                  "adapter-seed": self.adapter_seed(), "fresh-adapter": self.state.adapter is None,
-                  "merge-now": False, "pool-now": False, "pool-size": 1}
+        config = {
+            "stage": self.stage,
+            "round": self.round,
+            "strategy": self.cfg.strategy,
+            "adapter-seed": self.adapter_seed(),
+            "fresh-adapter": self.state.adapter is None,
+            "merge-now": False,
+            "pool-now": False,
+            "pool-size": 1,
+        }
         if self.dp:
             config[KEY_CLIPPING_NORM] = self.cfg.dp_clip  # what Flower's fixedclipping_mod reads
         return config
@@ -118,14 +145,27 @@ class ContinualStrategy(FedAvg):
     def sync_records(self, node: int) -> tuple[dict, dict]:
         """(config fields, array records) that bring `node` to the current base."""
         st = self.state
-        config = {"base-checksum": st.checksum, "sync": "none", "base-from": "", "merge-count": 0,
-                  "merge-weights": [0.0], "merge-scale": self.scale, "merge-mode": self.cfg.merge}
+        config = {
+            "base-checksum": st.checksum,
+            "sync": "none",
+            "base-from": "",
+            "merge-count": 0,
+            "merge-weights": [0.0],
+            "merge-scale": self.scale,
+            "merge-mode": self.cfg.merge,
+        }
         held = st.node_base.get(node)
         if held == st.checksum:
             return config, {}
         if st.instruction and held == st.instruction.source and st.instruction.target == st.checksum:
-            config.update(sync="merge", **{"base-from": held, "merge-count": len(st.instruction.adapters),
-                                           "merge-weights": list(st.instruction.weights)})
+            config.update(
+                sync="merge",
+                **{
+                    "base-from": held,
+                    "merge-count": len(st.instruction.adapters),
+                    "merge-weights": list(st.instruction.weights),
+                },
+            )
             return config, {"merge": ArrayRecord(stack(st.instruction.adapters))}
         config["sync"] = "full"
         return config, {"base": ArrayRecord(st.base)}
@@ -138,12 +178,21 @@ class ContinualStrategy(FedAvg):
             sync, records = self.sync_records(node)
             if self.round_start is not None:
                 records["adapter"] = ArrayRecord(self.round_start)
-            content = RecordDict({**records, "config": ConfigRecord({**self.round_config(), **sync,
-                                                                     "server-round": server_round})})
+            content = RecordDict(
+                {
+                    **records,
+                    "config": ConfigRecord({**self.round_config(), **sync, "server-round": server_round}),
+                }
+            )
             down += sum(state_bytes(r.to_torch_state_dict()) for r in records.values())
             messages.append(Message(content=content, message_type=MessageType.TRAIN, dst_node_id=node))
-        self.round_log = {"stage": self.stage, "round": self.round, "server_round": server_round,
-                          "sent_to": [m.metadata.dst_node_id for m in messages], "bytes_down": down}
+        self.round_log = {
+            "stage": self.stage,
+            "round": self.round,
+            "server_round": server_round,
+            "sent_to": [m.metadata.dst_node_id for m in messages],
+            "bytes_down": down,
+        }
         self.sent = messages
         return messages
 
@@ -175,7 +224,9 @@ class ContinualStrategy(FedAvg):
         for msg in valid:
             node = msg.metadata.src_node_id
             site = str(msg.content["site"]["site"]) if "site" in msg.content else str(node)
-            self.state.node_base[node] = str(msg.content["site"]["base-checksum"]) if "site" in msg.content else ""
+            self.state.node_base[node] = (
+                str(msg.content["site"]["base-checksum"]) if "site" in msg.content else ""
+            )
             try:
                 arrays = {k: v.clone() for k, v in msg.content["arrays"].to_torch_state_dict().items()}
                 up += state_bytes(arrays)
@@ -194,8 +245,15 @@ class ContinualStrategy(FedAvg):
             adapters.append(arrays)
             examples.append(n)
             losses.append(float(metrics["train-loss"]))
-        self.round_log.update(clients_used=used, clients_dropped=dropped, rows_skipped=skipped, losses=losses,
-                              num_examples=examples, bytes_up=up, merged=False)
+        self.round_log.update(
+            clients_used=used,
+            clients_dropped=dropped,
+            rows_skipped=skipped,
+            losses=losses,
+            num_examples=examples,
+            bytes_up=up,
+            merged=False,
+        )
         self.sent = []
         if adapters:
             weights = example_weights(examples, uniform=self.cfg.weighting == "uniform")
@@ -205,7 +263,9 @@ class ContinualStrategy(FedAvg):
         else:
             log.warning("round %s: no usable update; the model is unchanged", server_round)
             self.no_update()
-        loss = sum(l * n for l, n in zip(losses, examples)) / max(sum(examples), 1) if losses else float("nan")
+        loss = (
+            sum(l * n for l, n in zip(losses, examples)) / max(sum(examples), 1) if losses else float("nan")
+        )
         return None, MetricRecord({"train-loss": loss, "num-examples": sum(examples)})
 
     def privatize(self, adapters: list[dict], sites: list[str], server_round: int) -> dict[str, torch.Tensor]:
@@ -215,8 +275,14 @@ class ContinualStrategy(FedAvg):
         for site, adapter in zip(sites, adapters):
             norm = update_norm(adapter, self.round_start)
             if norm > clip * (1 + 1e-4):  # more than the float32 rounding of a clipped update
-                log.warning("round %s: site %s sent an update of norm %.6g > dp-clip %.6g (is its clipping mod "
-                            "installed?); clipped on the server", server_round, site, norm, clip)
+                log.warning(
+                    "round %s: site %s sent an update of norm %.6g > dp-clip %.6g (is its clipping mod "
+                    "installed?); clipped on the server",
+                    server_round,
+                    site,
+                    norm,
+                    clip,
+                )
             clipped.append(clip_update(adapter, self.round_start, clip))
         std = noise_std(self.cfg.dp_noise, clip, len(clipped))
         seed = noise_seed(self.adapter_seed(), os.environ.get("CL_FED_DP_SECRET", ""))
@@ -266,10 +332,13 @@ class Centralization(ContinualStrategy):
             self.merge(*pool.drain())
         st.pool = pool.state_dict()
 
-
     def no_update(self):
         # the stage still ends: what the earlier rounds averaged is pooled like a last round's updates
-        if self.last_round_of_stage and not self.schedule.merge_after_round() and self.state.adapter is not None:
+        if (
+            self.last_round_of_stage
+            and not self.schedule.merge_after_round()
+            and self.state.adapter is not None
+        ):
             self.combine([self.state.adapter], [1.0])
 
 
@@ -294,7 +363,9 @@ class FedAvgFull(ContinualStrategy):
         average = {}
         for k, like in st.base.items():
             mean = sum(w * a[k].to(torch.float64) for w, a in zip(weights, adapters))
-            average[k] = (mean if like.is_floating_point() else mean.round()).to(like.dtype)  # counters stay whole
+            average[k] = (mean if like.is_floating_point() else mean.round()).to(
+                like.dtype
+            )  # counters stay whole
         st.base, st.checksum, st.instruction = average, state_checksum(average), None
 
 
@@ -305,7 +376,9 @@ class Local(ContinualStrategy):
         config = super().round_config()
         last = self.last_round_of_stage
         config["fresh-adapter"] = self.round == 0 or self.schedule.merge_after_round()
-        config["merge-now"] = self.schedule.merge_after_round() or (last and self.schedule.merge_after_stage(self.stage))
+        config["merge-now"] = self.schedule.merge_after_round() or (
+            last and self.schedule.merge_after_stage(self.stage)
+        )
         config["pool-now"] = last and not config["merge-now"]
         config["pool-size"] = 1 if self.schedule.merge_after_round() else self.schedule.every
         return config
@@ -321,8 +394,12 @@ class Local(ContinualStrategy):
         pass
 
 
-STRATEGY_CLASSES = {"centralization": Centralization, "fedavg": FedAvgFull, "fedavg-lora": FedAvgLora,
-                    "local": Local}
+STRATEGY_CLASSES = {
+    "centralization": Centralization,
+    "fedavg": FedAvgFull,
+    "fedavg-lora": FedAvgLora,
+    "local": Local,
+}
 
 
 def last_line(text: str) -> str:

@@ -20,15 +20,20 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     cfg = make_config()
     sites = len(load_scenario(cfg.scenario).sites)
-    print(f"[cl-fed demo] scenario {cfg.scenario!r}: {sites} sites; strategy {cfg.strategy}, "
-          f"centralize every {cfg.centralize_every}; running `flwr run .` on the local simulation engine", flush=True)
+    print(
+        f"[cl-fed demo] scenario {cfg.scenario!r}: {sites} sites; strategy {cfg.strategy}, "
+        f"centralize every {cfg.centralize_every}; running `flwr run .` on the local simulation engine",
+        flush=True,
+    )
     configure_local_federation(sites)  # afterwards plain `flwr run .` simulates the same federation
     run_dir = flwr_run(num_supernodes=sites).resolve()
     results = json.loads((run_dir / "results.json").read_text())
     print((run_dir / "report.md").read_text())
     m = results["metrics"]
-    print(f"[cl-fed demo] done in {time.perf_counter() - start:.0f} s: AWER {m['awer']:.1f}%, BWT {m['bwt']:+.1f}, "
-          f"forgetting {m['forgetting']:.1f}")
+    print(
+        f"[cl-fed demo] done in {time.perf_counter() - start:.0f} s: AWER {m['awer']:.1f}%, BWT {m['bwt']:+.1f}, "
+        f"forgetting {m['forgetting']:.1f}"
+    )
     print(f"[cl-fed demo] results: {run_dir / 'results.json'}")
     print(f"[cl-fed demo] report:  {run_dir / 'report.md'}")
     return 0

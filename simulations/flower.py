@@ -50,16 +50,39 @@ def run_config_arg(overrides: dict) -> str:
     return " ".join(f"{k}={toml_value(v)}" for k, v in overrides.items())
 
 
-def configure_local_federation(num_supernodes: int, cpus_per_client: int = 1, env: dict | None = None) -> None:
+def configure_local_federation(
+    num_supernodes: int, cpus_per_client: int = 1, env: dict | None = None
+) -> None:
     """Make plain `flwr run .` simulate one SuperNode per site on the local SuperLink (persistent)."""
-    subprocess.run([str(BIN / "flwr"), "federation", "simulation-config", "--num-supernodes", str(num_supernodes),
-                    "--client-resources-num-cpus", str(cpus_per_client)],
-                   env=flower_env(env), check=True, capture_output=True, text=True, cwd=project_root())
+    subprocess.run(
+        [
+            str(BIN / "flwr"),
+            "federation",
+            "simulation-config",
+            "--num-supernodes",
+            str(num_supernodes),
+            "--client-resources-num-cpus",
+            str(cpus_per_client),
+        ],
+        env=flower_env(env),
+        check=True,
+        capture_output=True,
+        text=True,
+        cwd=project_root(),
+    )
 
 
-def flwr_run(overrides: dict | None = None, *, num_supernodes: int | None = None, cpus_per_client: int = 1,
-             env: dict | None = None, app_dir: Path | None = None, stream: bool = True,
-             timeout: float | None = None, superlink: str | None = None) -> Path:
+def flwr_run(
+    overrides: dict | None = None,
+    *,
+    num_supernodes: int | None = None,
+    cpus_per_client: int = 1,
+    env: dict | None = None,
+    app_dir: Path | None = None,
+    stream: bool = True,
+    timeout: float | None = None,
+    superlink: str | None = None,
+) -> Path:
     """Run the app with these run-config overrides; returns the run directory (results.json).
 
     `superlink`: the name of a SuperLink connection in $FLWR_HOME/config.toml (a deployed
@@ -74,15 +97,18 @@ def flwr_run(overrides: dict | None = None, *, num_supernodes: int | None = None
     else:
         if num_supernodes is None:
             num_supernodes = cfg.sites or len(load_scenario(cfg.scenario).sites)  # `sites`: the first N
-        command += ["--federation-config",
-                    f"num-supernodes={num_supernodes} client-resources-num-cpus={cpus_per_client}"]
+        command += [
+            "--federation-config",
+            f"num-supernodes={num_supernodes} client-resources-num-cpus={cpus_per_client}",
+        ]
     if stream:
         command += ["--stream"]
     if overrides:
         command += ["--run-config", run_config_arg(overrides)]
     env = flower_env(env)
-    proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            cwd=app_dir)
+    proc = subprocess.Popen(
+        command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=app_dir
+    )
     output = []
     for line in proc.stdout:  # show progress as it comes
         output.append(line)
@@ -96,8 +122,10 @@ def flwr_run(overrides: dict | None = None, *, num_supernodes: int | None = None
         raise FlowerRunError(f"flwr run failed (exit {proc.returncode}):\n{text[-3000:]}")
     status = wait_for_run(found.group(1), env, timeout, superlink)
     if status.get("status") != "finished:completed":
-        raise FlowerRunError(f"run {found.group(1)} ended as {status.get('status')!r}: "
-                             f"{status.get('status-details', '')}\n{text[-3000:]}")
+        raise FlowerRunError(
+            f"run {found.group(1)} ended as {status.get('status')!r}: "
+            f"{status.get('status-details', '')}\n{text[-3000:]}"
+        )
     return Path(cfg.output_dir or runs_root()) / cfg.default_run_name()
 
 
@@ -113,7 +141,20 @@ def wait_for_run(run_id: str, env: dict, timeout: float | None = None, superlink
 
 def run_status(run_id: str, env: dict, superlink: str | None = None) -> dict:
     """The run's entry in `flwr ls` (status, status details); `superlink`: a connection name, else the default."""
-    done = subprocess.run([str(BIN / "flwr"), "ls", *([superlink] if superlink else []), "--run-id", run_id,
-                           "--format", "json"], env=env, capture_output=True, text=True, check=True)
+    done = subprocess.run(
+        [
+            str(BIN / "flwr"),
+            "ls",
+            *([superlink] if superlink else []),
+            "--run-id",
+            run_id,
+            "--format",
+            "json",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     runs = json.loads(done.stdout).get("runs", [])
     return runs[0] if runs else {}

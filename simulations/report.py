@@ -85,8 +85,10 @@ class Row:
 
     def mean_matrix(self, kind: str = "wer") -> list[list[float]]:
         matrices = [r[f"{kind}_matrix"] for r in self.runs]
-        return [[statistics.fmean(m[i][j] for m in matrices) for j in range(len(matrices[0][0]))]
-                for i in range(len(matrices[0]))]
+        return [
+            [statistics.fmean(m[i][j] for m in matrices) for j in range(len(matrices[0][0]))]
+            for i in range(len(matrices[0]))
+        ]
 
     def curve(self, stage: int) -> list[float]:
         """Mean WER on stage `stage`'s test set: initial base, then after every stage."""
@@ -142,7 +144,7 @@ def group_runs(runs: list[dict]) -> list[Row]:
     labels = [row.label for row in rows.values()]
     prefix = _common_scenario_prefix(labels)
     for row in rows.values():
-        row.label = row.label[len(prefix):] or row.label
+        row.label = row.label[len(prefix) :] or row.label
     return sorted(rows.values(), key=lambda row: row.label)
 
 
@@ -172,8 +174,10 @@ def table_markdown(rows: list[Row]) -> str:
     head = "| Run | Seeds | " + " | ".join(title for _, title, _ in COLUMNS) + " |"
     lines = [head, "|---|---|" + "---|" * len(COLUMNS)]
     for row in rows:
-        cells = [_cell(*row.stat(key, source), digits=2 if key.startswith("bytes") else 1)
-                 for key, _, source in COLUMNS]
+        cells = [
+            _cell(*row.stat(key, source), digits=2 if key.startswith("bytes") else 1)
+            for key, _, source in COLUMNS
+        ]
         lines.append(f"| {row.label} | {','.join(map(str, row.seeds))} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -184,7 +188,9 @@ def table_csv(rows: list[Row]) -> str:
     writer.writerow(["run", "seeds", *[f"{key}_{s}" for key, _, _ in COLUMNS for s in ("mean", "std")]])
     for row in rows:
         stats = [v for key, _, source in COLUMNS for v in row.stat(key, source)]
-        writer.writerow([row.label, " ".join(map(str, row.seeds)), *["" if v is None else f"{v:.6g}" for v in stats]])
+        writer.writerow(
+            [row.label, " ".join(map(str, row.seeds)), *["" if v is None else f"{v:.6g}" for v in stats]]
+        )
     return out.getvalue()
 
 
@@ -214,7 +220,7 @@ def plot_heatmaps(rows: list[Row]):
         ax.set_yticks(range(len(matrix)), ylabels, fontsize=8)
         ax.set_xlabel("test set")
         fig.colorbar(image, ax=ax, label="WER (%)", shrink=0.8)
-    for ax in list(axes.flat)[len(rows):]:
+    for ax in list(axes.flat)[len(rows) :]:
         ax.axis("off")
     fig.tight_layout()
     return fig
@@ -286,17 +292,30 @@ def write_report(folder: str | Path, out: str | Path | None = None) -> Path:
     out = Path(out or folder)
     table = table_markdown(rows)
     atomic_write_text(out / "comparison.csv", table_csv(rows))
-    plots = {"heatmaps.png": plot_heatmaps, "forgetting_curves.png": plot_forgetting_curves,
-             "wer_vs_bytes.png": plot_wer_vs_bytes}
+    plots = {
+        "heatmaps.png": plot_heatmaps,
+        "forgetting_curves.png": plot_forgetting_curves,
+        "wer_vs_bytes.png": plot_wer_vs_bytes,
+    }
     for name, plot in plots.items():
         fig = plot(rows)
         atomic_write_bytes(out / name, _figure_bytes(fig))
         plt.close(fig)
     scenario = sorted({Path(str(r["config"].get("scenario"))).stem for r in runs})
-    text = [f"# Comparison of {len(runs)} runs in `{Path(folder).name}`", "",
-            f"Scenario(s): {', '.join(scenario)}; stages: {', '.join(rows[0].stages)}.", "", table, HOW_TO_READ,
-            "![WER matrices](heatmaps.png)", "", "![Forgetting curves](forgetting_curves.png)", "",
-            "![WER vs bytes](wer_vs_bytes.png)", ""]
+    text = [
+        f"# Comparison of {len(runs)} runs in `{Path(folder).name}`",
+        "",
+        f"Scenario(s): {', '.join(scenario)}; stages: {', '.join(rows[0].stages)}.",
+        "",
+        table,
+        HOW_TO_READ,
+        "![WER matrices](heatmaps.png)",
+        "",
+        "![Forgetting curves](forgetting_curves.png)",
+        "",
+        "![WER vs bytes](wer_vs_bytes.png)",
+        "",
+    ]
     if skipped:
         text += ["Left out:", *[f"- {s}" for s in skipped], ""]
     atomic_write_text(out / "comparison.md", "\n".join(text))
@@ -308,9 +327,13 @@ def write_report(folder: str | Path, out: str | Path | None = None) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m simulations.report", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m simulations.report", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("folder", help="a sweep folder: one sub-folder per run, each with results.json")
-    parser.add_argument("--out", default=None, help="where to write the table and plots (default: the folder)")
+    parser.add_argument(
+        "--out", default=None, help="where to write the table and plots (default: the folder)"
+    )
     args = parser.parse_args(argv)
     try:
         write_report(args.folder, args.out)

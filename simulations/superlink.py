@@ -37,17 +37,36 @@ def private_superlink(work_dir: str | Path, env: dict | None = None, start_timeo
     work = Path(work_dir)
     work.mkdir(parents=True, exist_ok=True)
     port, control = free_port(), free_port()
-    env = flower_env({
-        "FLWR_HOME": str(work / "flwr-home"),
-        "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(port),
-        "FLWR_LOCAL_CONTROL_API_PORT": str(control),
-        **(env or {}),
-    })
+    env = flower_env(
+        {
+            "FLWR_HOME": str(work / "flwr-home"),
+            "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(port),
+            "FLWR_LOCAL_CONTROL_API_PORT": str(control),
+            **(env or {}),
+        }
+    )
     process = subprocess.Popen(
-        [str(BIN / "flower-superlink"), "--insecure", "--simulation", "--isolation", "subprocess",
-         "--control-api-address", f"127.0.0.1:{control}", "--host", "127.0.0.1", "--port", str(port),
-         "--log-file", str(work / "superlink.log")],
-        env=env, cwd=work, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        [
+            str(BIN / "flower-superlink"),
+            "--insecure",
+            "--simulation",
+            "--isolation",
+            "subprocess",
+            "--control-api-address",
+            f"127.0.0.1:{control}",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--log-file",
+            str(work / "superlink.log"),
+        ],
+        env=env,
+        cwd=work,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     try:
         wait_until_healthy(f"http://127.0.0.1:{port}/health", process, start_timeout, work / "superlink.log")
         yield env
@@ -55,8 +74,9 @@ def private_superlink(work_dir: str | Path, env: dict | None = None, start_timeo
         stop(process)
 
 
-def wait_until_healthy(url: str, process: subprocess.Popen, timeout: float, log_path: Path,
-                       verify: ssl.SSLContext | bool = True) -> None:
+def wait_until_healthy(
+    url: str, process: subprocess.Popen, timeout: float, log_path: Path, verify: ssl.SSLContext | bool = True
+) -> None:
     """Poll GET `url` (a SuperLink's /health) until it answers; an error naming `log_path` if the
     process exits or `timeout` seconds pass first. `verify`: the TLS context (a private CA) for https."""
     deadline = time.monotonic() + timeout

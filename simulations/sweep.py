@@ -35,7 +35,8 @@ MODES = ("federated", "single-site", "joint")
 
 ConfigStore.instance().store(name="run", node=dict(DEFAULTS))  # the one list of defaults
 OmegaConf.register_new_resolver(
-    "sweep_dir", lambda name, output_dir: str(sweep_dir(str(name), str(output_dir or ""))), replace=True)
+    "sweep_dir", lambda name, output_dir: str(sweep_dir(str(name), str(output_dir or ""))), replace=True
+)
 
 
 def sweep_dir(name: str, output_dir: str = "") -> Path:
@@ -135,9 +136,14 @@ def main(conf: DictConfig) -> None:
         raise
     if ran:
         SweepProgress.ran.append(time.monotonic() - start)
-        print(f"[sweep {index + 1}/{SweepProgress.total}] {name}: done in {time.monotonic() - start:.0f} s", flush=True)
+        print(
+            f"[sweep {index + 1}/{SweepProgress.total}] {name}: done in {time.monotonic() - start:.0f} s",
+            flush=True,
+        )
     else:
-        print(f"[sweep {index + 1}/{SweepProgress.total}] {name}: already complete, not run again", flush=True)
+        print(
+            f"[sweep {index + 1}/{SweepProgress.total}] {name}: already complete, not run again", flush=True
+        )
     print(f"[sweep] results: {directory}   report: python -m simulations.report {output_dir}", flush=True)
 
 

@@ -6,8 +6,14 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from cl_fed.data.acoustics import (add_noise, apply_gain, apply_site_acoustics, broadband_noise, machine_hum,
-                                   reverberate)
+from cl_fed.data.acoustics import (
+    add_noise,
+    apply_gain,
+    apply_site_acoustics,
+    broadband_noise,
+    machine_hum,
+    reverberate,
+)
 
 RATE = 16000
 

@@ -46,9 +46,7 @@ class TinyNet(nn.Module):
 
 
 SPEC = LoraSpec(rank=2, alpha=4.0, dropout=0.05, target_modules=("q_proj", "v_proj"))
-ADAPTER_KEYS = [
-    f"layers.{i}.{m}.lora_{f}" for i in (0, 1) for m in ("q_proj", "v_proj") for f in ("A", "B")
-]
+ADAPTER_KEYS = [f"layers.{i}.{m}.lora_{f}" for i in (0, 1) for m in ("q_proj", "v_proj") for f in ("A", "B")]
 
 
 def fresh_net(seed: int = 0) -> TinyNet:
@@ -118,7 +116,9 @@ def test_adapter_state_names_dtype_and_independence():
     state = adapter_state(pm)
     assert list(state) == sorted(ADAPTER_KEYS)
     assert state["layers.0.q_proj.lora_A"].shape == (2, 6) and state["layers.0.q_proj.lora_B"].shape == (6, 2)
-    assert all(t.dtype == torch.float32 and t.device.type == "cpu" and not t.requires_grad for t in state.values())
+    assert all(
+        t.dtype == torch.float32 and t.device.type == "cpu" and not t.requires_grad for t in state.values()
+    )
     state["layers.0.q_proj.lora_A"].add_(1.0)  # a clone: the model must not change
     assert not torch.equal(adapter_state(pm)["layers.0.q_proj.lora_A"], state["layers.0.q_proj.lora_A"])
     pairs = lora_pairs(state)
@@ -145,7 +145,9 @@ def test_load_adapter_state_round_trip_and_strictness():
         load_adapter_state(pm, missing)
     with pytest.raises(ValueError, match=r"extra \['head.lora_A'\]"):
         load_adapter_state(pm, {**wanted, "head.lora_A": torch.zeros(2, 6)})
-    with pytest.raises(ValueError, match=r"'layers.0.q_proj.lora_A' has shape \(3, 6\), model expects \(2, 6\)"):
+    with pytest.raises(
+        ValueError, match=r"'layers.0.q_proj.lora_A' has shape \(3, 6\), model expects \(2, 6\)"
+    ):
         load_adapter_state(pm, {**wanted, "layers.0.q_proj.lora_A": torch.zeros(3, 6)})
 
 
@@ -197,7 +199,11 @@ def test_save_and_load_adapter_in_peft_format(tmp_path):
     load_adapter_state(pm, random_state(adapter_state(pm), seed=4))
     save_adapter(pm, tmp_path / "adapter")
     config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
-    assert config["r"] == 2 and config["lora_alpha"] == 4.0 and sorted(config["target_modules"]) == ["q_proj", "v_proj"]
+    assert (
+        config["r"] == 2
+        and config["lora_alpha"] == 4.0
+        and sorted(config["target_modules"]) == ["q_proj", "v_proj"]
+    )
     assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
 
     loaded = load_adapter(fresh_net(), tmp_path / "adapter")

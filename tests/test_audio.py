@@ -71,7 +71,11 @@ BAD_FILES = {
     "random.wav": (lambda tmp: np.random.default_rng(0).bytes(3000), "corrupt", "unreadable"),
     "truncated.wav": (lambda tmp: _good_wav_bytes(tmp)[:16000], "corrupt", "truncated"),
     "headerless.wav": (lambda tmp: _good_wav_bytes(tmp)[:30], "corrupt", "unreadable"),
-    "truncated.flac": (lambda tmp: _good_flac_bytes(tmp)[: len(_good_flac_bytes(tmp)) // 2], "corrupt", "corrupt"),
+    "truncated.flac": (
+        lambda tmp: _good_flac_bytes(tmp)[: len(_good_flac_bytes(tmp)) // 2],
+        "corrupt",
+        "corrupt",
+    ),
     "empty_file.wav": (lambda tmp: b"", "empty", "zero-length"),
 }
 

@@ -15,8 +15,12 @@ NUMBER = r"[-+0-9.e]+"
 def test_centralize_speed_prints_rows_with_finite_ratios(capsys):
     rows = centralize_speed.main(["--models", "tiny", "--clients", "2", "--repeats", "1"])
     out = capsys.readouterr().out
-    printed = re.findall(rf"^tiny-fastconformer-ctc\s+(product|factors)\s+2\s+({NUMBER})\s+({NUMBER})\s+"
-                         rf"({NUMBER})\s+({NUMBER})\s+(memory|compute)\s+({NUMBER})$", out, re.MULTILINE)
+    printed = re.findall(
+        rf"^tiny-fastconformer-ctc\s+(product|factors)\s+2\s+({NUMBER})\s+({NUMBER})\s+"
+        rf"({NUMBER})\s+({NUMBER})\s+(memory|compute)\s+({NUMBER})$",
+        out,
+        re.MULTILINE,
+    )
     assert [row[0] for row in printed] == ["product", "factors"], out
     for _, seconds, memory, compute, ratio, bound, per_client in printed:
         values = [float(v) for v in (seconds, memory, compute, ratio, per_client)]
@@ -32,15 +36,21 @@ def test_bytes_per_round_counts_the_lora_factors_and_prints_ratios(capsys):
     # LoRA up = rank x (in + out) fp32 numbers per targeted Linear, counted independently here
     speech = build_tiny(seed=0)
     model, rank = speech.model, speech.lora_rank
-    expected = sum(4 * rank * (m.in_features + m.out_features) for name, m in model.named_modules()
-                   if isinstance(m, nn.Linear) and name.rsplit(".", 1)[-1] in LORA_TARGETS)
+    expected = sum(
+        4 * rank * (m.in_features + m.out_features)
+        for name, m in model.named_modules()
+        if isinstance(m, nn.Linear) and name.rsplit(".", 1)[-1] in LORA_TARGETS
+    )
     lora_row = re.search(r"round after a merge .*? up\s+([0-9,]+) B .*? down\s+([0-9,]+) B", out)
     assert lora_row, out
     assert int(lora_row.group(1).replace(",", "")) == expected
     assert int(lora_row.group(2).replace(",", "")) == 3 * expected  # the 3 merged sites' factors
     assert "fedavg, full weights" in out and "target: >= 20x smaller" in out
-    printed = re.search(rf"ratio full / LoRA: up ({NUMBER})x, down after a merge ({NUMBER})x, "
-                        rf"down over a stage ({NUMBER})x, total over a stage ({NUMBER})x", out)
+    printed = re.search(
+        rf"ratio full / LoRA: up ({NUMBER})x, down after a merge ({NUMBER})x, "
+        rf"down over a stage ({NUMBER})x, total over a stage ({NUMBER})x",
+        out,
+    )
     assert printed, out
     values = [float(v) for v in printed.groups()]
     assert all(math.isfinite(v) and v > 1 for v in values), values  # LoRA is smaller in every case

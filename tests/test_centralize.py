@@ -87,7 +87,9 @@ def test_factor_average_equals_product_when_A_shared():
     assert torch.allclose(factors_delta([shared_a] * 3, Bs, weights, 0.5), exact, atol=1e-12)
     # ... and differs once the A's differ (the cross-client covariance term)
     As = [torch.randn(3, 5, generator=g) for _ in range(3)]
-    assert not torch.allclose(factors_delta(As, Bs, weights, 0.5), product_delta(As, Bs, weights, 0.5), atol=1e-3)
+    assert not torch.allclose(
+        factors_delta(As, Bs, weights, 0.5), product_delta(As, Bs, weights, 0.5), atol=1e-3
+    )
 
 
 def test_average_adapters_by_hand_and_factors_mode_consistency():
@@ -97,7 +99,9 @@ def test_average_adapters_by_hand_and_factors_mode_consistency():
     assert torch.equal(average["m.lora_B"], torch.tensor([[1.75], [0.75]]))
     base = {"m.weight": torch.eye(2)}
     merged_average = centralize(base, [average], [1.0], SCALE)
-    assert torch.equal(merged_average["m.weight"], centralize(base, hand_adapters(), P, SCALE, mode="factors")["m.weight"])
+    assert torch.equal(
+        merged_average["m.weight"], centralize(base, hand_adapters(), P, SCALE, mode="factors")["m.weight"]
+    )
 
 
 def test_product_allows_different_ranks_factors_does_not():
@@ -226,11 +230,23 @@ def test_validate_accepts_good_adapter_with_shape_or_tensor_reference():
     [
         (lambda s: s.pop("m.lora_B"), None, r"missing 1 keys.*m.lora_B"),
         (lambda s: s.update({"x.lora_A": torch.zeros(1)}), None, r"unexpected keys.*x.lora_A"),
-        (lambda s: s.update({"m.lora_A": torch.zeros(2, 2)}), None, r"'m.lora_A' has shape \(2, 2\), expected \(1, 2\)"),
+        (
+            lambda s: s.update({"m.lora_A": torch.zeros(2, 2)}),
+            None,
+            r"'m.lora_A' has shape \(2, 2\), expected \(1, 2\)",
+        ),
         (lambda s: s["m.lora_B"].__setitem__((0, 0), float("nan")), None, "'m.lora_B' contains NaN or Inf"),
         (lambda s: s["m.lora_A"].__setitem__((0, 1), float("inf")), None, "'m.lora_A' contains NaN or Inf"),
-        (lambda s: s.update({"m.lora_A": torch.zeros(1, 2, dtype=torch.int64)}), None, "not a floating-point"),
-        (lambda s: s.update({"m.lora_A": torch.full((1, 2), 3.0)}), 2.0, r"'m.lora_A' has Frobenius norm 4.24264 > bound 2"),
+        (
+            lambda s: s.update({"m.lora_A": torch.zeros(1, 2, dtype=torch.int64)}),
+            None,
+            "not a floating-point",
+        ),
+        (
+            lambda s: s.update({"m.lora_A": torch.full((1, 2), 3.0)}),
+            2.0,
+            r"'m.lora_A' has Frobenius norm 4.24264 > bound 2",
+        ),
         (lambda s: None, 0.9, r"total Frobenius norm 1 > bound 0.9"),
     ],
 )
@@ -242,7 +258,9 @@ def test_validate_rejections(change, max_norm, message):
 
 
 def test_state_bytes():
-    assert state_bytes({"a": torch.zeros(2, 3), "b": torch.zeros(4, dtype=torch.float16)}) == 2 * 3 * 4 + 4 * 2
+    assert (
+        state_bytes({"a": torch.zeros(2, 3), "b": torch.zeros(4, dtype=torch.float16)}) == 2 * 3 * 4 + 4 * 2
+    )
 
 
 # ---- equality with peft's own merges -------------------------------------------------------------

@@ -1,9 +1,9 @@
 """Run configuration and schedules: defaults in one place, clear errors for bad values."""
 
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 
 from cl_fed.config import DEFAULTS, make_config
 from cl_fed.schedule import parse_schedule
@@ -68,8 +68,12 @@ def test_run_name_names_every_knob_that_changes_results():
     ranked = make_config({"scenario": "tiny", "lora-rank": 16, "sites": 1}).default_run_name()
     assert ranked == "tiny-centralization-every-stage-product-sites1-lora-rank16-seed0"
     # settings that do not change results stay out of the name
-    assert make_config({"scenario": "tiny", "round-timeout": 5, "output-dir": "/x"}).default_run_name() == base
-    assert make_config({"scenario": "tiny", "centralize-every": 1}).default_run_name() == base  # 1 stage = "stage"
+    assert (
+        make_config({"scenario": "tiny", "round-timeout": 5, "output-dir": "/x"}).default_run_name() == base
+    )
+    assert (
+        make_config({"scenario": "tiny", "centralize-every": 1}).default_run_name() == base
+    )  # 1 stage = "stage"
     assert make_config({"scenario": "/data/tiny.yaml"}).default_run_name() == base
 
 
@@ -78,11 +82,19 @@ def test_knobs_a_strategy_ignores_do_not_split_runs():
     b = make_config({"strategy": "fedavg", "merge": "factors"})
     assert a.default_run_name() == b.default_run_name() == "default-fedavg-seed0"
     assert a.effective() == b.effective()
-    assert make_config({"strategy": "fedavg", "full-lr": 1e-3}).default_run_name() == "default-fedavg-full-lr0.001-seed0"
+    assert (
+        make_config({"strategy": "fedavg", "full-lr": 1e-3}).default_run_name()
+        == "default-fedavg-full-lr0.001-seed0"
+    )
     # local runs the schedule at every site, so its name has the schedule
-    assert make_config({"strategy": "local", "centralize-every": "round"}).default_run_name() == \
-        "default-local-every-round-product-seed0"
-    assert make_config({"strategy": "fedavg-lora", "centralize-every": 3}).default_run_name() == "default-fedavg-lora-seed0"
+    assert (
+        make_config({"strategy": "local", "centralize-every": "round"}).default_run_name()
+        == "default-local-every-round-product-seed0"
+    )
+    assert (
+        make_config({"strategy": "fedavg-lora", "centralize-every": 3}).default_run_name()
+        == "default-fedavg-lora-seed0"
+    )
 
 
 def test_sites_restricts_the_data_to_its_first_sites():

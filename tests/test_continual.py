@@ -13,11 +13,21 @@ from cl_fed.continual import prepare_data, state_checksum
 
 def _manifest(tmp_path):
     rows = []
-    for i, (stage, split, site) in enumerate([("s1", "train", "a"), ("s1", "test", "a"), ("s2", "train", "a"),
-                                              ("s2", "test", "a"), ("s2", "train", "b"), ("s1", "train", "b")]):
+    for i, (stage, split, site) in enumerate(
+        [
+            ("s1", "train", "a"),
+            ("s1", "test", "a"),
+            ("s2", "train", "a"),
+            ("s2", "test", "a"),
+            ("s2", "train", "b"),
+            ("s1", "train", "b"),
+        ]
+    ):
         path = tmp_path / f"clip{i}.wav"
         sf.write(path, 0.1 * np.sin(np.linspace(0, 400, 8000)).astype("float32"), 16000)
-        rows.append({"audio": path.name, "text": f"stop the press {i}", "stage": stage, "split": split, "site": site})
+        rows.append(
+            {"audio": path.name, "text": f"stop the press {i}", "stage": stage, "split": split, "site": site}
+        )
     rows.append({"audio": "missing.wav", "text": "gone", "stage": "s1", "split": "train", "site": "a"})
     manifest = tmp_path / "data.jsonl"
     manifest.write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -39,5 +49,7 @@ def test_checksum_sees_every_byte_and_name():
     state = {"w": torch.zeros(3), "n": torch.tensor(5)}
     same = {"n": torch.tensor(5), "w": torch.zeros(3)}
     assert state_checksum(state) == state_checksum(same)
-    assert state_checksum(state) != state_checksum({"w": torch.tensor([0.0, 0.0, 1e-30]), "n": torch.tensor(5)})
+    assert state_checksum(state) != state_checksum(
+        {"w": torch.tensor([0.0, 0.0, 1e-30]), "n": torch.tensor(5)}
+    )
     assert state_checksum(state) != state_checksum({"v": torch.zeros(3), "n": torch.tensor(5)})

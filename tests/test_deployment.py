@@ -36,8 +36,16 @@ from cl_fed.data.scenario import scenario_path
 from cl_fed.data.synth import generate
 from clients.site import load_site, node_data
 from deploy.certs import make_supernode_key, make_tls
-from deploy.federation import (is_gone, kill_tree, local_federation, online_supernodes, spawned_process,
-                               start_supernode, stop_run, submit_run)
+from deploy.federation import (
+    is_gone,
+    kill_tree,
+    local_federation,
+    online_supernodes,
+    spawned_process,
+    start_supernode,
+    stop_run,
+    submit_run,
+)
 from simulations.flower import flwr_run, run_status, wait_for_run
 from simulations.superlink import free_port
 
@@ -66,20 +74,36 @@ def deployment(tmp_path_factory, scenario):
     with local_federation(work / "federation", SITES, str(scenario)) as federation:
         ca = federation.certs["ca.crt"]
         seen["plain_http_refused"] = _refused(f"http://{federation.address}/health")
-        seen["https_with_ca"] = httpx.get(f"https://{federation.address}/health", verify=_context(ca)).status_code
+        seen["https_with_ca"] = httpx.get(
+            f"https://{federation.address}/health", verify=_context(ca)
+        ).status_code
         # a SuperNode with a key nobody registered tries to join while the run starts (the server
         # wants exactly one SuperNode per site, so had it joined the run would fail)
         key, _ = make_supernode_key(work / "intruder-keys", "intruder")
-        intruder = start_supernode(federation.work, "intruder", federation.address, free_port(),
-                                   {"site": "factory-b", "data": str(scenario)}, ca, key)
+        intruder = start_supernode(
+            federation.work,
+            "intruder",
+            federation.address,
+            free_port(),
+            {"site": "factory-b", "data": str(scenario)},
+            ca,
+            key,
+        )
         federation.processes["supernode:intruder"] = intruder  # stopped with the rest if it lingers
         config = {"scenario": str(scenario), "rounds-per-stage": 2, "output-dir": str(work / "runs")}
-        run_dir = flwr_run({**config, "run-name": "whole"}, superlink=federation.name, env=federation.cli_env,
-                           stream=False, timeout=600)
+        run_dir = flwr_run(
+            {**config, "run-name": "whole"},
+            superlink=federation.name,
+            env=federation.cli_env,
+            stream=False,
+            timeout=600,
+        )
         seen["intruder_exit"] = intruder.wait(timeout=120)
         seen["intruder_log"] = (federation.work / "intruder" / "supernode.log").read_text()
         seen["online"] = len(online_supernodes(federation.name, federation.cli_env))
-        seen["server_killed"] = kill_server_after_round_one_and_resume(federation, {**config, "run-name": "killed"})
+        seen["server_killed"] = kill_server_after_round_one_and_resume(
+            federation, {**config, "run-name": "killed"}
+        )
         seen["started"] = {label: p.pid for label, p in federation.processes.items()}
     seen["stopped"] = federation.stopped
     seen["results"] = json.loads((run_dir / "results.json").read_text())
@@ -100,7 +124,13 @@ def kill_server_after_round_one_and_resume(federation, config: dict) -> dict:
     seen = {"killed": kill_tree(server.pid), "results_when_killed": (run_dir / "results.json").exists()}
     stop_run(federation, run_id)
     seen["killed_run"] = run_status(run_id, federation.cli_env, federation.name)
-    flwr_run({**config, "resume": True}, superlink=federation.name, env=federation.cli_env, stream=False, timeout=600)
+    flwr_run(
+        {**config, "resume": True},
+        superlink=federation.name,
+        env=federation.cli_env,
+        stream=False,
+        timeout=600,
+    )
     seen["online_after"] = len(online_supernodes(federation.name, federation.cli_env))
     seen["results"] = json.loads((run_dir / "results.json").read_text())
     seen["model"] = state_checksum(load_file(run_dir / "model" / "model.safetensors"))
@@ -173,7 +203,8 @@ def test_every_started_process_is_gone(deployment):
     assert set(started) == {"superlink", "supernode:intruder", *(f"supernode:{s}" for s in SITES)}
     # the long-running ones were stopped together with what they spawned (SuperExec processes)
     assert {started["superlink"], started["supernode:factory-a"], started["supernode:factory-b"]} < set(
-        deployment["stopped"])
+        deployment["stopped"]
+    )
     assert all(is_gone(pid) for pid in [*started.values(), *deployment["stopped"]])
 
 
@@ -185,7 +216,9 @@ def test_certificates_fit_flower(tmp_path):
     names = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert {str(ip) for ip in names.get_values_for_type(x509.IPAddress)} == {"127.0.0.1"}
     assert set(names.get_values_for_type(x509.DNSName)) == {"localhost", "superlink.example.com"}
-    assert make_tls(tmp_path)["server.crt"].read_bytes() == tls["server.crt"].read_bytes()  # kept, not renewed
+    assert (
+        make_tls(tmp_path)["server.crt"].read_bytes() == tls["server.crt"].read_bytes()
+    )  # kept, not renewed
     private, public = make_supernode_key(tmp_path, "factory-a")
     key = load_ssh_private_key(private.read_bytes(), None)  # as flower-supernode loads it
     assert key.curve.name == "secp384r1" and public.read_text().startswith("ecdsa-sha2-nistp384 ")
@@ -211,6 +244,7 @@ def test_node_config_data_overrides_the_scenario_for_that_node_only(tmp_path):
 
 # ---- a SuperNode killed mid-round, and a site with corrupt and missing audio -------------------------
 
+
 def manifest_with_bad_audio(scenario: Path, site: str, folder: Path) -> Path:
     """`site`'s train rows and every test row of the scenario's (generated) data, plus one train row
     whose FLAC file is random bytes and one whose file does not exist: lines 2 and 1 from the end."""
@@ -219,8 +253,17 @@ def manifest_with_bad_audio(scenario: Path, site: str, folder: Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "corrupt.flac").write_bytes(random.Random(0).randbytes(4096))
     path = write_manifest(keep, folder / "site.jsonl")
-    bad = [{"id": f"{site}-{name}", "audio": f"{name}.flac", "text": "weld the seam", "site": site,
-            "stage": keep[0].stage, "split": "train"} for name in ("corrupt", "missing")]
+    bad = [
+        {
+            "id": f"{site}-{name}",
+            "audio": f"{name}.flac",
+            "text": "weld the seam",
+            "site": site,
+            "stage": keep[0].stage,
+            "split": "train",
+        }
+        for name in ("corrupt", "missing")
+    ]
     with open(path, "a", encoding="utf-8") as out:
         out.writelines(json.dumps(row) + "\n" for row in bad)
     return path
@@ -235,16 +278,32 @@ def faults(tmp_path_factory, scenario):
     faults_file.write_text("{}")
     config = {"scenario": str(scenario), "output-dir": str(work / "runs")}
     good, _ = load_manifest(manifest, on_error="skip")
-    seen = {"manifest": str(manifest), "rows": len(manifest.read_text().splitlines()),
-            "good_train_rows": sum(u.split == "train" for u in good)}
-    with local_federation(work / "federation", SITES, {"factory-a": str(scenario), "factory-b": str(manifest)},
-                          env={"CL_FED_FAULTS_FILE": str(faults_file)}) as federation:
+    seen = {
+        "manifest": str(manifest),
+        "rows": len(manifest.read_text().splitlines()),
+        "good_train_rows": sum(u.split == "train" for u in good),
+    }
+    with local_federation(
+        work / "federation",
+        SITES,
+        {"factory-a": str(scenario), "factory-b": str(manifest)},
+        env={"CL_FED_FAULTS_FILE": str(faults_file)},
+    ) as federation:
         seen["node_ids"] = dict(federation.node_ids)
         # factory-a sleeps in its round-1 ClientApp, so the kill surely lands mid-round
-        faults_file.write_text(json.dumps({"client": [{"site": "factory-a", "round": 1, "fault": "sleep",
-                                                       "seconds": 900}]}))
-        run_id = submit_run(federation, {**config, "bad-rows": "skip", "rounds-per-stage": 2, "round-timeout": 120,
-                                         "run-name": "skip-and-kill"})
+        faults_file.write_text(
+            json.dumps({"client": [{"site": "factory-a", "round": 1, "fault": "sleep", "seconds": 900}]})
+        )
+        run_id = submit_run(
+            federation,
+            {
+                **config,
+                "bad-rows": "skip",
+                "rounds-per-stage": 2,
+                "round-timeout": 120,
+                "run-name": "skip-and-kill",
+            },
+        )
         node_a = federation.processes["supernode:factory-a"]
         spawned_process(node_a.pid, "flwr-clientapp", timeout=600)  # round 1 reached factory-a
         seen["killed"] = kill_tree(node_a.pid)
@@ -260,7 +319,9 @@ def test_corrupt_and_missing_audio_raise_names_the_manifest_row(scenario, tmp_pa
     rows = len(manifest.read_text().splitlines())
     cfg = make_config({"scenario": str(scenario), "bad-rows": "raise"})
     # the first bad row (the corrupt file) is named with its manifest and line
-    with pytest.raises(ValueError, match=re.escape(f"{manifest}, row {rows - 1}: unreadable or corrupt audio")):
+    with pytest.raises(
+        ValueError, match=re.escape(f"{manifest}, row {rows - 1}: unreadable or corrupt audio")
+    ):
         load_site(cfg, {"site": "factory-b", "data": str(manifest)}, "bad-audio", 0)
 
 
@@ -277,9 +338,15 @@ def test_corrupt_and_missing_audio_skipped_and_counted(faults):
 @pytest.mark.slow
 def test_supernode_killed_mid_round_is_dropped_and_the_run_completes(faults):
     results, node_a = faults["skip"], faults["node_ids"]["factory-a"]
-    assert faults["killed"] and len(results["rounds"]) == 2 and all(math.isfinite(w) for w in results["wer_matrix"][0])
+    assert (
+        faults["killed"]
+        and len(results["rounds"]) == 2
+        and all(math.isfinite(w) for w in results["wer_matrix"][0])
+    )
     first, second = results["rounds"]
-    assert sorted(first["sent_to"]) == sorted(faults["node_ids"].values()) and first["clients_used"] == ["factory-b"]
+    assert sorted(first["sent_to"]) == sorted(faults["node_ids"].values()) and first["clients_used"] == [
+        "factory-b"
+    ]
     # recorded with the SuperLink's answer for a node that stopped sending heartbeats
     [drop] = first["clients_dropped"]
     assert drop["node"] == node_a and "Node Unavailable" in drop["reason"], drop

@@ -13,10 +13,10 @@ def median_f0(wave: np.ndarray, rate: int = ENGINE_SAMPLE_RATE) -> float:
     """Median autocorrelation pitch (60..400 Hz) over voiced 50 ms frames."""
     frame, values = 1024, []
     for start in range(0, len(wave) - frame, frame // 2):
-        chunk = wave[start:start + frame].astype(np.float64)
+        chunk = wave[start : start + frame].astype(np.float64)
         if np.sqrt(np.mean(chunk**2)) < 0.02:
             continue
-        corr = np.correlate(chunk, chunk, "full")[frame - 1:]
+        corr = np.correlate(chunk, chunk, "full")[frame - 1 :]
         low, high = rate // 400, rate // 60
         values.append(rate / (low + int(np.argmax(corr[low:high]))))
     return float(np.median(values))
@@ -67,12 +67,15 @@ def test_different_voices_sound_different():
     assert not np.array_equal(synthesize("fünf", voice="de")[:5000], synthesize("fünf", voice="en-us")[:5000])
 
 
-@pytest.mark.parametrize("kwargs, needle", [
-    ({"voice": "xx-nowhere"}, "xx-nowhere"),
-    ({"voice": "de", "variant": "no-such-variant"}, "no-such-variant"),
-    ({"voice": "de", "rate": 20}, "rate 20"),
-    ({"voice": "de", "pitch": 150}, "pitch 150"),
-])
+@pytest.mark.parametrize(
+    "kwargs, needle",
+    [
+        ({"voice": "xx-nowhere"}, "xx-nowhere"),
+        ({"voice": "de", "variant": "no-such-variant"}, "no-such-variant"),
+        ({"voice": "de", "rate": 20}, "rate 20"),
+        ({"voice": "de", "pitch": 150}, "pitch 150"),
+    ],
+)
 def test_bad_arguments_raise_naming_the_value(kwargs, needle):
     with pytest.raises(ValueError, match=needle):
         synthesize("hallo", **kwargs)
@@ -80,7 +83,9 @@ def test_bad_arguments_raise_naming_the_value(kwargs, needle):
 
 def test_ssml_voice_element_switches_voice():
     # Starting in English, <voice name="de"> must produce exactly what starting in German does.
-    switched = synthesize(build_ssml([("de", "die temperatur liegt bei vierzig grad")]), voice="en-us", ssml=True)
+    switched = synthesize(
+        build_ssml([("de", "die temperatur liegt bei vierzig grad")]), voice="en-us", ssml=True
+    )
     german = synthesize("<speak>die temperatur liegt bei vierzig grad</speak>", voice="de", ssml=True)
     english = synthesize("<speak>die temperatur liegt bei vierzig grad</speak>", voice="en-us", ssml=True)
     assert np.array_equal(switched, german)
@@ -90,7 +95,9 @@ def test_ssml_voice_element_switches_voice():
 def test_code_switched_ssml_differs_from_one_voice_and_keeps_the_variant():
     segments = [("es", "la"), ("en-us", "conveyor belt"), ("es", "funciona al setenta por ciento")]
     mixed = synthesize(build_ssml(segments), voice="es", variant="f2", ssml=True)
-    spanish_only = synthesize(build_ssml([("es", t) for _, t in segments]), voice="es", variant="f2", ssml=True)
+    spanish_only = synthesize(
+        build_ssml([("es", t) for _, t in segments]), voice="es", variant="f2", ssml=True
+    )
     assert not (len(mixed) == len(spanish_only) and np.array_equal(mixed, spanish_only))
     # the English segment is spoken by the same (female) speaker as the Spanish ones
     male = synthesize(build_ssml(segments), voice="es", variant="m3", ssml=True)
@@ -99,6 +106,8 @@ def test_code_switched_ssml_differs_from_one_voice_and_keeps_the_variant():
 
 def test_build_ssml_resolves_language_codes_and_escapes_text():
     ssml = build_ssml([("en-gb", "a < b & c"), ("fr-fr", "l'écart")])
-    assert ssml == '<speak><voice name="en">a &lt; b &amp; c</voice> <voice name="fr">l\'écart</voice></speak>'
+    assert (
+        ssml == '<speak><voice name="en">a &lt; b &amp; c</voice> <voice name="fr">l\'écart</voice></speak>'
+    )
     with pytest.raises(ValueError, match="klingon"):
         build_ssml([("klingon", "x")])

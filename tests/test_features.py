@@ -84,8 +84,14 @@ def test_spec_augment_is_deterministic_given_the_generator():
 
 def test_spec_augment_masks_whole_bands_with_zero():
     features = torch.ones(400, 80)
-    masked = spec_augment(features, torch.Generator().manual_seed(3), freq_masks=2, freq_width=15,
-                          time_masks=2, time_width_ratio=0.05)
+    masked = spec_augment(
+        features,
+        torch.Generator().manual_seed(3),
+        freq_masks=2,
+        freq_width=15,
+        time_masks=2,
+        time_width_ratio=0.05,
+    )
     zero = masked == 0
     assert zero.any()
     masked_bins = zero.all(dim=0)  # a frequency mask zeroes a bin in every frame

@@ -24,27 +24,42 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def flower(tmp_path_factory):
     work = tmp_path_factory.mktemp("flower")
-    with private_superlink(work, {"CL_FED_AUDIT_DIR": str(work / "audit"),
-                                  "CL_FED_FAULTS_FILE": str(work / "faults.json")}) as env:
+    with private_superlink(
+        work, {"CL_FED_AUDIT_DIR": str(work / "audit"), "CL_FED_FAULTS_FILE": str(work / "faults.json")}
+    ) as env:
         yield {"env": env, "work": work}
 
 
 def run(flower, faults=None, **overrides):
     (flower["work"] / "faults.json").write_text(json.dumps(faults or {}))
-    config = {"scenario": "tiny", "rounds-per-stage": 2, "output-dir": str(flower["work"] / "runs"), **overrides}
+    config = {
+        "scenario": "tiny",
+        "rounds-per-stage": 2,
+        "output-dir": str(flower["work"] / "runs"),
+        **overrides,
+    }
     return flwr_run(config, env=flower["env"], stream=False, timeout=900)
 
 
 def test_centralization_run_results_and_privacy(flower):
-    run_dir = run(flower, faults={"client": [{"site": "factory-b", "round": 2, "fault": "raise"},
-                                             {"site": "factory-a", "round": 3, "fault": "nan"}]})
+    run_dir = run(
+        flower,
+        faults={
+            "client": [
+                {"site": "factory-b", "round": 2, "fault": "raise"},
+                {"site": "factory-a", "round": 3, "fault": "nan"},
+            ]
+        },
+    )
     results = json.loads((run_dir / "results.json").read_text())
     assert results["strategy"] == "centralization" and results["complete"]
     assert results["stages"] == ["en-welding", "de-codeswitch"]
     assert len(results["rounds"]) == 4 and len(results["wer_matrix"]) == 2
     # the injected faults: left out of their round with a reason, the run went on
     dropped = {r["server_round"]: r["clients_dropped"] for r in results["rounds"]}
-    assert "injected fault" in dropped[2][0]["reason"] and results["rounds"][1]["clients_used"] == ["factory-a"]
+    assert "injected fault" in dropped[2][0]["reason"] and results["rounds"][1]["clients_used"] == [
+        "factory-a"
+    ]
     assert "NaN" in dropped[3][0]["reason"] and results["rounds"][2]["clients_used"] == ["factory-b"]
     assert dropped[1] == [] and dropped[4] == []
     # metrics recompute from the matrix, and the matrix from the saved predictions
@@ -58,20 +73,37 @@ def test_centralization_run_results_and_privacy(flower):
     ParakeetForCTC.from_pretrained(run_dir / "model")
 
     # privacy: every array is a model weight or an adapter factor; no transcript in any message
-    audit = [json.loads(line) for f in (flower["work"] / "audit").glob("*.jsonl") for line in f.read_text().splitlines()]
+    audit = [
+        json.loads(line)
+        for f in (flower["work"] / "audit").glob("*.jsonl")
+        for line in f.read_text().splitlines()
+    ]
     incoming = [row for row in audit if row["direction"] == "in" and row["type"] == "train"]
     assert len(incoming) == 2 * 4  # 2 sites x 4 rounds, the crashing one included
     assert sum(row["direction"] == "out" for row in audit) == 2 * 4 - 1  # the crash sent no reply
     stream = StageStream.from_dataset_dir(generate("tiny", progress=False))
     transcripts = {u.text for s in stream.stages for u in stream.test(s)} | {
-        u.text for site in stream.sites for i in range(len(stream.stages)) for u in stream.site(site).enter(i)}
+        u.text for site in stream.sites for i in range(len(stream.stages)) for u in stream.site(site).enter(i)
+    }
     for row in audit:
         for record, arrays in row["arrays"].items():
             for key, (dtype, shape) in arrays.items():
                 assert dtype in ("float32", "torch.float32", "int64", "torch.int64"), (key, dtype)
                 name = key.split("/", 1)[-1]
-                assert name.endswith((".lora_A", ".lora_B", ".weight", ".bias", "running_mean", "running_var",
-                                      "num_batches_tracked")) or record == "base", key
+                assert (
+                    name.endswith(
+                        (
+                            ".lora_A",
+                            ".lora_B",
+                            ".weight",
+                            ".bias",
+                            "running_mean",
+                            "running_var",
+                            "num_batches_tracked",
+                        )
+                    )
+                    or record == "base"
+                ), key
         text = json.dumps(row["configs"]) + json.dumps(row["metrics"])
         assert not any(t in text for t in transcripts if len(t) > 8)
 
@@ -94,8 +126,13 @@ def test_resume_after_a_server_crash_equals_an_uninterrupted_run(flower):
 def test_wrong_number_of_supernodes_is_a_clear_error(flower):
     (flower["work"] / "faults.json").write_text("{}")
     with pytest.raises(FlowerRunError, match="SuperNodes"):
-        flwr_run({"scenario": "tiny", "output-dir": str(flower["work"] / "runs")}, num_supernodes=3,
-                 env=flower["env"], stream=False, timeout=600)
+        flwr_run(
+            {"scenario": "tiny", "output-dir": str(flower["work"] / "runs")},
+            num_supernodes=3,
+            env=flower["env"],
+            stream=False,
+            timeout=600,
+        )
 
 
 def test_differential_privacy_run_noises_what_it_merges(flower):

@@ -14,8 +14,13 @@ import secrets
 import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MessageType, MetricRecord, RecordDict
-from flwr.common.constant import (HEARTBEAT_INTERVAL_INF, NOOP_ACCOUNT_NAME, NOOP_FLWR_AID, SUPERLINK_NODE_ID,
-                                  ErrorCode)
+from flwr.common.constant import (
+    HEARTBEAT_INTERVAL_INF,
+    NOOP_ACCOUNT_NAME,
+    NOOP_FLWR_AID,
+    SUPERLINK_NODE_ID,
+    ErrorCode,
+)
 from flwr.proto.task_pb2 import Task  # pylint: disable=no-name-in-module
 from flwr.server.superlink.linkstate import LinkStateFactory
 from flwr.server.superlink.linkstate.in_memory_linkstate import RunRecord as LinkRunRecord
@@ -27,7 +32,7 @@ from flwr.supercore.task_identity import TaskIdentity
 from flwr.superlink.federation import NoOpFederationManager
 from flwr.superlink.grid.inmemory_grid import InMemoryGrid
 
-from cl_fed.adapters import attach_lora, adapter_state
+from cl_fed.adapters import adapter_state, attach_lora
 from cl_fed.centralize import AdapterPool, average_adapters, centralize, example_weights, state_bytes
 from cl_fed.config import DEFAULTS, make_config
 from cl_fed.continual import lora_spec, prepare_data, state_checksum
@@ -74,8 +79,12 @@ def in_memory_grid(num_nodes: int) -> tuple[InMemoryGrid, list[int]]:
     link.task_store[17] = Task(task_id=17, run_id=RUN_ID)
     nodes = []
     for _ in range(num_nodes):
-        node = link.create_node(NOOP_FLWR_AID, NOOP_ACCOUNT_NAME, secrets.token_bytes(32),
-                                heartbeat_interval=HEARTBEAT_INTERVAL_INF)
+        node = link.create_node(
+            NOOP_FLWR_AID,
+            NOOP_ACCOUNT_NAME,
+            secrets.token_bytes(32),
+            heartbeat_interval=HEARTBEAT_INTERVAL_INF,
+        )
         link.acknowledge_node_heartbeat(node_id=node, heartbeat_interval=HEARTBEAT_INTERVAL_INF)
         nodes.append(node)
     grid = InMemoryGrid(state_factory=factory)
@@ -97,12 +106,16 @@ class LoopbackGrid(Grid):
     def send_and_receive(self, messages, *, timeout=None):
         replies = []
         for msg in messages:
-            handler = client_app.train if msg.metadata.message_type == MessageType.TRAIN else client_app.evaluate
+            handler = (
+                client_app.train if msg.metadata.message_type == MessageType.TRAIN else client_app.evaluate
+            )
             try:
                 replies.append(handler(msg, self.contexts[msg.metadata.dst_node_id]))
             except Exception as error:  # noqa: BLE001 - what the runtime sends back
                 reason = f"{type(error).__name__}: {error}"
-                replies.append(Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=msg))
+                replies.append(
+                    Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=msg)
+                )
         self.replies += replies
         return replies
 
@@ -147,23 +160,30 @@ def tiny():
 def random_adapter(reference: dict, seed: int, size: float = 0.05) -> dict[str, torch.Tensor]:
     """A trained-looking adapter (B != 0) of the right names and shapes."""
     generator = torch.Generator().manual_seed(seed)
-    return {k: size * torch.randn(tuple(shape), generator=generator) for k, shape in sorted(reference.items())}
+    return {
+        k: size * torch.randn(tuple(shape), generator=generator) for k, shape in sorted(reference.items())
+    }
 
 
 def make_strategy(tiny, kind: str = "centralization", num_sites: int = 3, reference=None, **overrides):
     cfg = make_config({"scenario": "tiny", **overrides})
     state = ServerState(base=dict(tiny["base"]), checksum=state_checksum(tiny["base"]))
-    return STRATEGY_CLASSES[kind](cfg, cfg.schedule(len(STAGES)), state, reference or tiny["reference"],
-                                  tiny["spec"].scale, num_sites)
+    return STRATEGY_CLASSES[kind](
+        cfg, cfg.schedule(len(STAGES)), state, reference or tiny["reference"], tiny["spec"].scale, num_sites
+    )
 
 
-def reply(msg: Message, arrays: dict, num_examples: int, site: str, checksum: str, loss: float = 1.0) -> Message:
+def reply(
+    msg: Message, arrays: dict, num_examples: int, site: str, checksum: str, loss: float = 1.0
+) -> Message:
     """What clients/client_app.py's `train` returns."""
-    content = RecordDict({
-        "arrays": ArrayRecord({k: v.clone() for k, v in arrays.items()}),
-        "metrics": MetricRecord({"num-examples": num_examples, "train-loss": loss, "audio-seconds": 1.0}),
-        "site": ConfigRecord({"site": site, "base-checksum": checksum}),
-    })
+    content = RecordDict(
+        {
+            "arrays": ArrayRecord({k: v.clone() for k, v in arrays.items()}),
+            "metrics": MetricRecord({"num-examples": num_examples, "train-loss": loss, "audio-seconds": 1.0}),
+            "site": ConfigRecord({"site": site, "base-checksum": checksum}),
+        }
+    )
     return Message(content, reply_to=msg)
 
 
@@ -191,8 +211,10 @@ def merge_round(tiny, merge: str = "product", examples=(8, 6, 7)):
     messages = send_round(strategy, 3, server_round=2)
     adapters = [random_adapter(tiny["reference"], seed=i) for i in range(3)]
     old = strategy.state.checksum
-    replies = [reply(m, a, n, f"site-{i}", old, loss=float(i))
-               for i, (m, a, n) in enumerate(zip(messages, adapters, examples))]
+    replies = [
+        reply(m, a, n, f"site-{i}", old, loss=float(i))
+        for i, (m, a, n) in enumerate(zip(messages, adapters, examples))
+    ]
     _, metrics = strategy.aggregate_train(2, replies)
     return strategy, messages, adapters, list(examples), metrics
 
@@ -225,7 +247,9 @@ def test_last_round_of_stage_merges_the_exact_product_average(tiny):
     assert set(st.node_base.values()) == {old}  # what the sites reported holding
 
     factors, *_ = merge_round(tiny, merge="factors")
-    expected_factors = centralize(old_base, adapters, example_weights(examples), tiny["spec"].scale, "factors")
+    expected_factors = centralize(
+        old_base, adapters, example_weights(examples), tiny["spec"].scale, "factors"
+    )
     assert equal_states(factors.state.base, expected_factors)
     assert factors.state.checksum != st.checksum
     lora_weights = {k.rsplit(".", 1)[0] + ".weight" for k in tiny["reference"]}
@@ -239,7 +263,9 @@ def test_earlier_round_of_a_stage_averages_the_adapters(tiny):
     assert all(m.content["config"]["fresh-adapter"] and "adapter" not in m.content for m in messages)
     adapters = [random_adapter(tiny["reference"], seed=10 + i) for i in range(3)]
     old = strategy.state.checksum
-    strategy.aggregate_train(1, [reply(m, a, n, f"s{n}", old) for m, a, n in zip(messages, adapters, (4, 9, 2))])
+    strategy.aggregate_train(
+        1, [reply(m, a, n, f"s{n}", old) for m, a, n in zip(messages, adapters, (4, 9, 2))]
+    )
     st = strategy.state
     assert equal_states(st.adapter, average_adapters(adapters, example_weights([4, 9, 2])))
     assert st.checksum == old and equal_states(st.base, tiny["base"])
@@ -264,7 +290,9 @@ def test_bad_replies_are_dropped_with_a_reason_and_the_rest_is_merged(tiny):
     replies = [
         reply(messages[0], good[0], 8, "good-0", old),
         reply(messages[1], good[1], 5, "good-1", old),
-        error_reply(messages[2], "Traceback (most recent call last):\n  ...\nInjectedCrash: injected fault at site x"),
+        error_reply(
+            messages[2], "Traceback (most recent call last):\n  ...\nInjectedCrash: injected fault at site x"
+        ),
         reply(messages[3], nan, 8, "nan", old),
         reply(messages[4], wrong_shape, 8, "shape", old),
         reply(messages[5], too_big, 8, "norm", old),
@@ -286,7 +314,9 @@ def test_bad_replies_are_dropped_with_a_reason_and_the_rest_is_merged(tiny):
     assert all(torch.isfinite(v).all() for v in st.base.values() if v.is_floating_point())
     assert st.instruction.weights == example_weights([8, 5])
     # a crashed or silent node's base is unknown now: it gets the full base next time
-    assert strategy.sync_records(n[2])[0]["sync"] == "full" and strategy.sync_records(n[6])[0]["sync"] == "full"
+    assert (
+        strategy.sync_records(n[2])[0]["sync"] == "full" and strategy.sync_records(n[6])[0]["sync"] == "full"
+    )
     assert strategy.sync_records(n[3])[0]["sync"] == "merge"  # it answered: it still holds the old base
 
 
@@ -297,8 +327,14 @@ def test_no_usable_reply_leaves_the_base_unchanged(tiny):
     old = strategy.state.checksum
     adapter = random_adapter(tiny["reference"], seed=5)  # its norm is far above 1.0
     nan = {k: torch.full_like(v, float("nan")) for k, v in adapter.items()}
-    _, metrics = strategy.aggregate_train(2, [error_reply(messages[0], "boom"), reply(messages[1], nan, 8, "a", old),
-                                              reply(messages[2], adapter, 8, "b", old)])
+    _, metrics = strategy.aggregate_train(
+        2,
+        [
+            error_reply(messages[0], "boom"),
+            reply(messages[1], nan, 8, "a", old),
+            reply(messages[2], adapter, 8, "b", old),
+        ],
+    )
     st = strategy.state
     assert st.checksum == old and equal_states(st.base, tiny["base"])
     assert st.instruction is None and st.pool is None and not strategy.round_log["merged"]
@@ -323,7 +359,11 @@ def test_sync_records_full_merge_none_and_the_client_reproduces_the_merge(tiny, 
     assert conf["sync"] == "none" and conf["base-checksum"] == st.checksum and records == {}
 
     conf, records = strategy.sync_records(merge_node)
-    assert conf["sync"] == "merge" and conf["base-from"] == state_checksum(tiny["base"]) and set(records) == {"merge"}
+    assert (
+        conf["sync"] == "merge"
+        and conf["base-from"] == state_checksum(tiny["base"])
+        and set(records) == {"merge"}
+    )
     assert conf["merge-count"] == 3 and conf["merge-weights"] == example_weights(examples)
     assert conf["merge-scale"] == tiny["spec"].scale and conf["merge-mode"] == "product"
     merge_bytes = state_bytes(records["merge"].to_torch_state_dict())
@@ -333,8 +373,11 @@ def test_sync_records_full_merge_none_and_the_client_reproduces_the_merge(tiny, 
     speech.model = attach_lora(speech.model, tiny["spec"], seed=0)
     site = Site("factory-a", strategy.cfg, stream=None, speech=speech, checksum="", state_dir=tmp_path)
     site.set_base(tiny["base"])
-    message = Message(RecordDict({**records, "config": ConfigRecord(conf)}), dst_node_id=merge_node,
-                      message_type=MessageType.TRAIN)
+    message = Message(
+        RecordDict({**records, "config": ConfigRecord(conf)}),
+        dst_node_id=merge_node,
+        message_type=MessageType.TRAIN,
+    )
     client_app.sync_base(site, message)
     assert site.checksum == st.checksum == state_checksum(site.base())
     assert equal_states(site.base(), st.base)
@@ -349,10 +392,21 @@ def test_sync_records_full_merge_none_and_the_client_reproduces_the_merge(tiny, 
 # ---- 3. the ClientApp on a real site of the tiny scenario --------------------------------------------
 def site_context(tmp_path, partition: int, node_id: int, **overrides) -> Context:
     """A simulated SuperNode's context; the run name is the test's, so sites never share state on disk."""
-    run_config = {**DEFAULTS, "scenario": "tiny", "output-dir": str(tmp_path), "rounds-per-stage": 1,
-                  "run-name": f"unit-{tmp_path.name}", **overrides}
-    return Context(run_id=RUN_ID, node_id=node_id, node_config={"partition-id": partition, "num-partitions": 2},
-                   state=RecordDict(), run_config=run_config)
+    run_config = {
+        **DEFAULTS,
+        "scenario": "tiny",
+        "output-dir": str(tmp_path),
+        "rounds-per-stage": 1,
+        "run-name": f"unit-{tmp_path.name}",
+        **overrides,
+    }
+    return Context(
+        run_id=RUN_ID,
+        node_id=node_id,
+        node_config={"partition-id": partition, "num-partitions": 2},
+        state=RecordDict(),
+        run_config=run_config,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -395,7 +449,9 @@ def test_client_train_sync_merge_stale_base_and_evaluate(tiny, stream, tmp_path)
     # a message that assumes a base the site does not hold
     conf = dict(first.content["config"])
     conf.update(sync="none", **{"base-checksum": "0" * 64})
-    stale = Message(RecordDict({"config": ConfigRecord(conf)}), dst_node_id=nodes[0], message_type=MessageType.TRAIN)
+    stale = Message(
+        RecordDict({"config": ConfigRecord(conf)}), dst_node_id=nodes[0], message_type=MessageType.TRAIN
+    )
     with pytest.raises(StaleBase, match=SITES[0]):
         client_app.train(stale, contexts[nodes[0]])
 
@@ -412,8 +468,9 @@ def test_client_train_sync_merge_stale_base_and_evaluate(tiny, stream, tmp_path)
     metrics = evaluated.content["metrics"]
     assert set(evaluated.content) == {"metrics"} and not evaluated.content.array_records
     assert not evaluated.content.config_records  # no strings: no transcripts leave the site
-    assert set(metrics) == {"num-examples"} | {f"{s}:{k}" for s in STAGES
-                                               for k in ("word-errors", "words", "char-errors", "chars")}
+    assert set(metrics) == {"num-examples"} | {
+        f"{s}:{k}" for s in STAGES for k in ("word-errors", "words", "char-errors", "chars")
+    }
     assert all(isinstance(v, (int, float)) for v in metrics.values())
     tests = {s: stream.test(s, site=SITES[0]) for s in STAGES}
     assert metrics["num-examples"] == sum(len(t) for t in tests.values()) > 0
@@ -428,8 +485,10 @@ def test_client_train_sync_merge_stale_base_and_evaluate(tiny, stream, tmp_path)
 def test_federated_evaluation_right_after_a_merge(tiny, stream, tmp_path):
     strategy = make_strategy(tiny, num_sites=2, evaluation="federated", **{"rounds-per-stage": 1})
     strategy.stage, strategy.round, strategy.last_round_of_stage = 0, 0, True
-    contexts = {101: site_context(tmp_path, 0, 101, evaluation="federated"),
-                102: site_context(tmp_path, 1, 102, evaluation="federated")}
+    contexts = {
+        101: site_context(tmp_path, 0, 101, evaluation="federated"),
+        102: site_context(tmp_path, 1, 102, evaluation="federated"),
+    }
     grid = LoopbackGrid(contexts)
     messages = list(strategy.configure_train(1, ArrayRecord(), ConfigRecord(), grid))
     strategy.aggregate_train(1, grid.send_and_receive(messages))
@@ -449,10 +508,19 @@ def test_fedavg_full_averages_all_weights_by_examples(tiny):
     messages = send_round(strategy, 2)
     assert all(not m.content["config"]["fresh-adapter"] and "adapter" not in m.content for m in messages)
     generator = torch.Generator().manual_seed(3)
-    trained = [{k: (v + torch.randn(v.shape, generator=generator)) if v.is_floating_point() else v.to(torch.float32)
-                for k, v in base.items()} for _ in range(2)]
+    trained = [
+        {
+            k: (v + torch.randn(v.shape, generator=generator))
+            if v.is_floating_point()
+            else v.to(torch.float32)
+            for k, v in base.items()
+        }
+        for _ in range(2)
+    ]
     old = strategy.state.checksum
-    strategy.aggregate_train(1, [reply(messages[0], trained[0], 3, "a", old), reply(messages[1], trained[1], 9, "b", old)])
+    strategy.aggregate_train(
+        1, [reply(messages[0], trained[0], 3, "a", old), reply(messages[1], trained[1], 9, "b", old)]
+    )
     st = strategy.state
     key = next(k for k in tiny["reference"]).rsplit(".", 1)[0] + ".weight"
     by_hand = (3 * trained[0][key].double() + 9 * trained[1][key].double()) / 12
@@ -464,10 +532,14 @@ def test_fedavg_full_averages_all_weights_by_examples(tiny):
 
 def test_fedavg_full_keeps_integer_buffers_whole(tiny):
     base = tiny["base"]
-    strategy = make_strategy(tiny, kind="fedavg", reference={k: v.shape for k, v in base.items()}, strategy="fedavg")
+    strategy = make_strategy(
+        tiny, kind="fedavg", reference={k: v.shape for k, v in base.items()}, strategy="fedavg"
+    )
     messages = send_round(strategy, 3)
-    trained = {k: torch.full_like(v, 7.0, dtype=torch.float32) if not v.is_floating_point() else v
-               for k, v in base.items()}
+    trained = {
+        k: torch.full_like(v, 7.0, dtype=torch.float32) if not v.is_floating_point() else v
+        for k, v in base.items()
+    }
     old = strategy.state.checksum
     strategy.aggregate_train(1, [reply(m, trained, 1, str(i), old) for i, m in enumerate(messages)])
     counters = [k for k, v in base.items() if not v.is_floating_point()]
@@ -475,15 +547,21 @@ def test_fedavg_full_keeps_integer_buffers_whole(tiny):
 
 
 def test_fedavg_site_holds_the_base_it_reports_after_training(tiny, tmp_path):
-    strategy = make_strategy(tiny, kind="fedavg", num_sites=2, reference={k: v.shape for k, v in tiny["base"].items()},
-                             strategy="fedavg")
+    strategy = make_strategy(
+        tiny,
+        kind="fedavg",
+        num_sites=2,
+        reference={k: v.shape for k, v in tiny["base"].items()},
+        strategy="fedavg",
+    )
     grid, nodes = in_memory_grid(2)
     context = site_context(tmp_path, 0, nodes[0], strategy="fedavg")
     msg = next(m for m in send_round(strategy, 2, grid=grid) if m.metadata.dst_node_id == nodes[0])
     answer = client_app.train(msg, context)
     assert answer.content["site"]["base-checksum"] == strategy.state.checksum
-    assert not equal_states(answer.content["arrays"].to_torch_state_dict(),
-                            {k: v.float() for k, v in tiny["base"].items()})  # it trained all weights
+    assert not equal_states(
+        answer.content["arrays"].to_torch_state_dict(), {k: v.float() for k, v in tiny["base"].items()}
+    )  # it trained all weights
     held = client_app._site(context)
     assert state_checksum(held.base()) == held.checksum
 
@@ -497,8 +575,10 @@ def test_fedavg_lora_never_changes_the_base(tiny):
         messages = send_round(strategy, 3, server_round, grid)
         assert messages[0].content["config"]["sync"] == ("full" if server_round == 1 else "none")
         adapters = [random_adapter(tiny["reference"], seed=40 + 3 * server_round + i) for i in range(3)]
-        strategy.aggregate_train(server_round, [reply(m, a, 4 + i, str(i), old)
-                                                for i, (m, a) in enumerate(zip(messages, adapters))])
+        strategy.aggregate_train(
+            server_round,
+            [reply(m, a, 4 + i, str(i), old) for i, (m, a) in enumerate(zip(messages, adapters))],
+        )
         assert equal_states(strategy.state.adapter, average_adapters(adapters, example_weights([4, 5, 6])))
         assert strategy.state.checksum == old and equal_states(strategy.state.base, tiny["base"])
         assert strategy.state.instruction is None and not strategy.round_log["merged"]
@@ -506,7 +586,9 @@ def test_fedavg_lora_never_changes_the_base(tiny):
     assert weights == [1.0] and equal_states(pending[0], strategy.state.adapter)
     later = send_round(strategy, 3, 3, grid)  # every site holds the unchanged base: nothing to sync
     assert all(m.content["config"]["sync"] == "none" and "base" not in m.content for m in later)
-    assert all(equal_states(m.content["adapter"].to_torch_state_dict(), strategy.state.adapter) for m in later)
+    assert all(
+        equal_states(m.content["adapter"].to_torch_state_dict(), strategy.state.adapter) for m in later
+    )
 
 
 # ---- 5. checkpoint ---------------------------------------------------------------------------------
@@ -517,24 +599,41 @@ def test_checkpoint_round_trip(tiny, tmp_path):
     pool = AdapterPool(2)
     pool.add([random_adapter(tiny["reference"], seed=8)], [1.0])
     st.pool = pool.state_dict()
-    initial = Evaluation("initial", {"en-welding": 80.0}, {"en-welding": 40.0}, [{"test_set": "en-welding", "id": "u1",
-                                                                                  "reference": "a b", "hypothesis": "a"}])
-    record = RunRecord(run_name="unit", strategy="centralization", schedule={"centralize_every": 1}, config={"seed": 0},
-                       stages=STAGES, initial=initial, after_stage=[Evaluation("en-welding", {"x": 1.0}, {"x": 0.5}, [])],
-                       rounds=[{"stage": 0, "round": 0, "clients_used": ["a"]}], wall_seconds=3.5)
+    initial = Evaluation(
+        "initial",
+        {"en-welding": 80.0},
+        {"en-welding": 40.0},
+        [{"test_set": "en-welding", "id": "u1", "reference": "a b", "hypothesis": "a"}],
+    )
+    record = RunRecord(
+        run_name="unit",
+        strategy="centralization",
+        schedule={"centralize_every": 1},
+        config={"seed": 0},
+        stages=STAGES,
+        initial=initial,
+        after_stage=[Evaluation("en-welding", {"x": 1.0}, {"x": 0.5}, [])],
+        rounds=[{"stage": 0, "round": 0, "clients_used": ["a"]}],
+        wall_seconds=3.5,
+    )
     path = tmp_path / "run" / "checkpoint.pt"
     save_checkpoint(path, st, record, (1, 0))
     fresh = ServerState(base=dict(tiny["base"]), checksum=state_checksum(tiny["base"]))
     loaded, loaded_record, position = load_checkpoint(path, fresh)
     assert position == (1, 0)
-    assert equal_states(loaded.base, st.base) and loaded.checksum == st.checksum == state_checksum(loaded.base)
+    assert equal_states(loaded.base, st.base) and loaded.checksum == st.checksum == state_checksum(
+        loaded.base
+    )
     assert equal_states(loaded.adapter, st.adapter)
     restored = AdapterPool(2)
     restored.load_state_dict(loaded.pool)
     (got,), (want,) = restored.drain()[0], pool.drain()[0]
     assert equal_states(got, want)
     assert isinstance(loaded.instruction, MergeInstruction)
-    assert (loaded.instruction.source, loaded.instruction.target) == (st.instruction.source, st.instruction.target)
+    assert (loaded.instruction.source, loaded.instruction.target) == (
+        st.instruction.source,
+        st.instruction.target,
+    )
     assert loaded.instruction.weights == st.instruction.weights
     assert all(equal_states(a, b) for a, b in zip(loaded.instruction.adapters, st.instruction.adapters))
     assert loaded_record == record

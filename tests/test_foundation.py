@@ -42,8 +42,12 @@ def test_key_depends_on_everything_that_shapes_the_base():
     key = foundation_key(scenario, BUDGET, 0)
     assert foundation_key(scenario, BUDGET, 0) == key
     assert foundation_key(scenario, BUDGET, 1) != key
-    assert foundation_key(scenario, TrainConfig(max_steps=26, batch_size=8, lr=3e-3, warmup_steps=5,
-                                                schedule="constant"), 0) != key
+    assert (
+        foundation_key(
+            scenario, TrainConfig(max_steps=26, batch_size=8, lr=3e-3, warmup_steps=5, schedule="constant"), 0
+        )
+        != key
+    )
     assert foundation_key(load_scenario("default"), BUDGET, 0) != key
     # the progress bar does not change the weights, so it does not change the key
     assert foundation_key(scenario, TrainConfig(**{**BUDGET.__dict__, "progress": False}), 0) == key

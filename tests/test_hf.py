@@ -103,9 +103,9 @@ def test_dataset_dict_with_embedded_bytes_is_cached_by_content(tmp_path):
 
 def test_validation_split_must_be_mapped_and_columns_must_exist(tmp_path):
     clip = write_tone(tmp_path / "c.flac")
-    DatasetDict({"validation": audio_dataset([{"bytes": None, "path": str(clip)}], text=["hi"])}).save_to_disk(
-        str(tmp_path / "dd")
-    )
+    DatasetDict(
+        {"validation": audio_dataset([{"bytes": None, "path": str(clip)}], text=["hi"])}
+    ).save_to_disk(str(tmp_path / "dd"))
     with pytest.raises(ManifestError, match=r"row validation:1: unknown split 'validation'"):
         load_hf_dataset(tmp_path / "dd", cache_dir=tmp_path / "cache")
     utts = load_hf_dataset(tmp_path / "dd", defaults={"split": "test"}, cache_dir=tmp_path / "cache")
@@ -124,10 +124,15 @@ def test_saved_rows_share_the_manifest_checks(tmp_path):
     )
     dataset.save_to_disk(str(tmp_path / "saved"))
     with pytest.raises(ManifestError) as caught:
-        load_hf_dataset(tmp_path / "saved", vocab=set("abcdefghijklmnopqrstuvwxyz"), cache_dir=tmp_path / "cache")
+        load_hf_dataset(
+            tmp_path / "saved", vocab=set("abcdefghijklmnopqrstuvwxyz"), cache_dir=tmp_path / "cache"
+        )
     assert str(tmp_path / "saved") in str(caught.value) and "row 2:" in str(caught.value)
     utts, summary = read_hf_dataset(
-        tmp_path / "saved", vocab=set("abcdefghijklmnopqrstuvwxyz"), on_error="skip", cache_dir=tmp_path / "cache"
+        tmp_path / "saved",
+        vocab=set("abcdefghijklmnopqrstuvwxyz"),
+        on_error="skip",
+        cache_dir=tmp_path / "cache",
     )
     assert [u.text for u in utts] == ["fine"]
     assert summary.skipped == {"corrupt_audio": 1, "out_of_vocab": 1}
@@ -142,7 +147,11 @@ def test_audiofolder_with_metadata_csv(tmp_path):
         encoding="utf-8",
     )
     utts = load_hf_dataset(
-        folder, text_column="transcription", speaker_column="speaker", site_column="site", cache_dir=tmp_path / "c"
+        folder,
+        text_column="transcription",
+        speaker_column="speaker",
+        site_column="site",
+        cache_dir=tmp_path / "c",
     )
     assert [(u.id, u.text, u.speaker, u.site, u.split) for u in utts] == [
         ("a", "hello there", "007", "plant-a", "train"),

@@ -102,15 +102,27 @@ def _bad_cases(root):
     return {
         "missing_audio": ([good, {"audio": "clips/nope.flac", "text": "x"}], ["nope.flac", "not found"]),
         "corrupt_audio": ([good, {"audio": "clips/random.wav", "text": "x"}], ["random.wav", "corrupt"]),
-        "truncated_audio": ([good, {"audio": "clips/truncated.wav", "text": "x"}], ["truncated.wav", "truncated"]),
+        "truncated_audio": (
+            [good, {"audio": "clips/truncated.wav", "text": "x"}],
+            ["truncated.wav", "truncated"],
+        ),
         "empty_audio": ([good, {"audio": "clips/zero.wav", "text": "x"}], ["zero.wav", "zero-length"]),
         "empty_text": ([good, {"audio": "clips/b.flac", "text": " ?! "}], ["empty transcript", "b.flac"]),
         "out_of_vocab": ([good, {"audio": "clips/b.flac", "text": "naïve straße"}], ["'ß'", "'ï'", "b.flac"]),
-        "too_long": ([good, {"audio": "clips/c.wav", "text": "long"}], ["0.75 s", "max_seconds=0.6", "c.wav"]),
+        "too_long": (
+            [good, {"audio": "clips/c.wav", "text": "long"}],
+            ["0.75 s", "max_seconds=0.6", "c.wav"],
+        ),
         "bad_json": ([good, '{"audio": "clips/b.flac", "text": }'], ["malformed JSON"]),
         "missing_text": ([good, {"audio": "clips/b.flac"}], ["missing required field 'text'"]),
-        "bad_split": ([good, {"audio": "clips/b.flac", "text": "x", "split": "dev"}], ["split 'dev'", "b.flac"]),
-        "duplicate_id": ([{**good, "id": "x"}, {"audio": "clips/b.flac", "text": "y", "id": "x"}], ["id 'x'", "row 1"]),
+        "bad_split": (
+            [good, {"audio": "clips/b.flac", "text": "x", "split": "dev"}],
+            ["split 'dev'", "b.flac"],
+        ),
+        "duplicate_id": (
+            [{**good, "id": "x"}, {"audio": "clips/b.flac", "text": "y", "id": "x"}],
+            ["id 'x'", "row 1"],
+        ),
     }
 
 
@@ -128,7 +140,9 @@ def test_every_bad_row_raises_naming_manifest_row_and_value(clips):
 def test_csv_header_without_text_column_is_an_error(clips):
     path = clips / "m.csv"
     path.write_text("audio,transcript\nclips/a.flac,hello\n", encoding="utf-8")
-    with pytest.raises(ManifestError, match=r"row 1 \(header\): missing required column\(s\) \['text'\]") as caught:
+    with pytest.raises(
+        ManifestError, match=r"row 1 \(header\): missing required column\(s\) \['text'\]"
+    ) as caught:
         load_manifest(path, on_error="skip")
     assert str(path) in str(caught.value)
 
@@ -159,7 +173,9 @@ def test_skip_mode_counts_each_reason_and_keeps_good_rows(clips):
     }
     assert len(summary.examples) == 5 and summary.examples[0].startswith("row 2: ")
     text = summary.format()
-    assert text.startswith(f"Loaded 2 of 13 rows from {path}; skipped 11 (bad_row 1, bad_value 1, corrupt_audio 2")
+    assert text.startswith(
+        f"Loaded 2 of 13 rows from {path}; skipped 11 (bad_row 1, bad_value 1, corrupt_audio 2"
+    )
 
 
 def test_no_usable_row_is_an_error_even_when_skipping(clips):

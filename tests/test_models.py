@@ -54,17 +54,35 @@ def lora_spec(speech) -> LoraSpec:
 
 def make_wav2vec2(directory) -> None:
     directory.mkdir()
-    vocab = {"<pad>": 0, "<unk>": 1, "|": 2, **{c: i + 3 for i, c in enumerate("abcdefghijklmnopqrstuvwxyz'")}}
+    vocab = {
+        "<pad>": 0,
+        "<unk>": 1,
+        "|": 2,
+        **{c: i + 3 for i, c in enumerate("abcdefghijklmnopqrstuvwxyz'")},
+    }
     (directory / "vocab.json").write_text(json.dumps(vocab))
-    tokenizer = Wav2Vec2CTCTokenizer(str(directory / "vocab.json"), unk_token="<unk>", pad_token="<pad>",
-                                     word_delimiter_token="|")
-    extractor = Wav2Vec2FeatureExtractor(feature_size=1, sampling_rate=SR, padding_value=0.0, do_normalize=True,
-                                         return_attention_mask=True)
+    tokenizer = Wav2Vec2CTCTokenizer(
+        str(directory / "vocab.json"), unk_token="<unk>", pad_token="<pad>", word_delimiter_token="|"
+    )
+    extractor = Wav2Vec2FeatureExtractor(
+        feature_size=1, sampling_rate=SR, padding_value=0.0, do_normalize=True, return_attention_mask=True
+    )
     config = Wav2Vec2Config(
-        vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-        conv_dim=(16, 16, 16), conv_stride=(5, 4, 4), conv_kernel=(10, 4, 4), num_conv_pos_embeddings=16,
-        num_conv_pos_embedding_groups=2, pad_token_id=0, feat_extract_norm="layer", do_stable_layer_norm=True,
-        mask_time_prob=0.05, mask_time_length=2,
+        vocab_size=len(vocab),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        conv_dim=(16, 16, 16),
+        conv_stride=(5, 4, 4),
+        conv_kernel=(10, 4, 4),
+        num_conv_pos_embeddings=16,
+        num_conv_pos_embedding_groups=2,
+        pad_token_id=0,
+        feat_extract_norm="layer",
+        do_stable_layer_norm=True,
+        mask_time_prob=0.05,
+        mask_time_length=2,
     )
     torch.manual_seed(0)
     Wav2Vec2ForCTC(config).save_pretrained(directory)
@@ -74,52 +92,89 @@ def make_wav2vec2(directory) -> None:
 def make_whisper(directory) -> None:
     """A byte-level Whisper tokenizer (no merges) with the real special-token layout, and a 1-layer model."""
     vocab = {ch: i for i, ch in enumerate(bytes_to_unicode().values())}
-    specials = ["<|endoftext|>", "<|startoftranscript|>", *[f"<|{c}|>" for c in LANGUAGES],
-                "<|translate|>", "<|transcribe|>", "<|startoflm|>", "<|startofprev|>", "<|nospeech|>",
-                "<|notimestamps|>"]
+    specials = [
+        "<|endoftext|>",
+        "<|startoftranscript|>",
+        *[f"<|{c}|>" for c in LANGUAGES],
+        "<|translate|>",
+        "<|transcribe|>",
+        "<|startoflm|>",
+        "<|startofprev|>",
+        "<|nospeech|>",
+        "<|notimestamps|>",
+    ]
     for token in specials:
         vocab[token] = len(vocab)
     tokenizer = WhisperTokenizer(vocab=vocab, merges=[])
     tokenizer.add_special_tokens({"additional_special_tokens": specials[1:]})
     eot, sot = vocab["<|endoftext|>"], vocab["<|startoftranscript|>"]
     config = WhisperConfig(
-        vocab_size=len(vocab), num_mel_bins=80, d_model=32, encoder_layers=1, decoder_layers=1,
-        encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64,
-        max_source_positions=1500, max_target_positions=64, pad_token_id=eot, bos_token_id=eot,
-        eos_token_id=eot, decoder_start_token_id=sot, begin_suppress_tokens=None, suppress_tokens=None,
+        vocab_size=len(vocab),
+        num_mel_bins=80,
+        d_model=32,
+        encoder_layers=1,
+        decoder_layers=1,
+        encoder_attention_heads=2,
+        decoder_attention_heads=2,
+        encoder_ffn_dim=64,
+        decoder_ffn_dim=64,
+        max_source_positions=1500,
+        max_target_positions=64,
+        pad_token_id=eot,
+        bos_token_id=eot,
+        eos_token_id=eot,
+        decoder_start_token_id=sot,
+        begin_suppress_tokens=None,
+        suppress_tokens=None,
     )
     torch.manual_seed(0)
     model = WhisperForConditionalGeneration(config)
     model.generation_config = GenerationConfig(
-        decoder_start_token_id=sot, eos_token_id=eot, pad_token_id=eot, bos_token_id=eot, max_length=32,
-        is_multilingual=True, lang_to_id={f"<|{c}|>": vocab[f"<|{c}|>"] for c in LANGUAGES},
+        decoder_start_token_id=sot,
+        eos_token_id=eot,
+        pad_token_id=eot,
+        bos_token_id=eot,
+        max_length=32,
+        is_multilingual=True,
+        lang_to_id={f"<|{c}|>": vocab[f"<|{c}|>"] for c in LANGUAGES},
         task_to_id={"transcribe": vocab["<|transcribe|>"], "translate": vocab["<|translate|>"]},
         no_timestamps_token_id=vocab["<|notimestamps|>"],
     )
     model.save_pretrained(directory)
-    WhisperProcessor(feature_extractor=WhisperFeatureExtractor(feature_size=80), tokenizer=tokenizer).save_pretrained(
-        directory
-    )
+    WhisperProcessor(
+        feature_extractor=WhisperFeatureExtractor(feature_size=80), tokenizer=tokenizer
+    ).save_pretrained(directory)
 
 
 def make_parakeet(directory) -> None:
     """A character-level ParakeetTokenizer ("<blank>" = pad = CTC blank) and a 1-block ParakeetForCTC."""
     vocab = {"<unk>": 0, "\u2581": 1, **{c: i + 2 for i, c in enumerate("abcdefghijklmnopqrstuvwxyz'")}}
     vocab["<blank>"] = len(vocab)
-    backend = Tokenizer(tokenizer_models.WordPiece(vocab=vocab, unk_token="<unk>", continuing_subword_prefix=""))
-    backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first", split=False)
+    backend = Tokenizer(
+        tokenizer_models.WordPiece(vocab=vocab, unk_token="<unk>", continuing_subword_prefix="")
+    )
+    backend.pre_tokenizer = pre_tokenizers.Metaspace(
+        replacement="\u2581", prepend_scheme="first", split=False
+    )
     backend.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="first", split=False)
     tokenizer = ParakeetTokenizer(tokenizer_object=backend, unk_token="<unk>", pad_token="<blank>")
     config = ParakeetCTCConfig(
-        vocab_size=len(vocab), pad_token_id=vocab["<blank>"],
-        encoder_config=dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
-                            subsampling_conv_channels=16, num_mel_bins=80),
+        vocab_size=len(vocab),
+        pad_token_id=vocab["<blank>"],
+        encoder_config=dict(
+            hidden_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=64,
+            subsampling_conv_channels=16,
+            num_mel_bins=80,
+        ),
     )
     torch.manual_seed(0)
     ParakeetForCTC(config).save_pretrained(directory)
-    ParakeetProcessor(feature_extractor=ParakeetFeatureExtractor(feature_size=80), tokenizer=tokenizer).save_pretrained(
-        directory
-    )
+    ParakeetProcessor(
+        feature_extractor=ParakeetFeatureExtractor(feature_size=80), tokenizer=tokenizer
+    ).save_pretrained(directory)
 
 
 def assert_targets_exist(speech) -> None:
@@ -307,7 +362,9 @@ def test_whisper_learns_a_transcript_that_generate_reproduces(tmp_path):
     path = tmp_path / "a.wav"
     sf.write(path, waves(1.0)[0].numpy(), SR)
     utterances = [Utterance(id="a", audio=str(path), text="hallo")]
-    config = TrainConfig(max_steps=30, batch_size=1, lr=5e-3, schedule="constant", spec_augment=False, progress=False)
+    config = TrainConfig(
+        max_steps=30, batch_size=1, lr=5e-3, schedule="constant", spec_augment=False, progress=False
+    )
     result = train_local(speech, utterances, config)
     assert result.step_losses[-1] < 0.2 * result.step_losses[0]
     assert evaluate(speech, utterances)["predictions"][0]["hypothesis"] == "hallo"

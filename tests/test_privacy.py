@@ -13,14 +13,26 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 from opacus.accountants import RDPAccountant
-from test_flower_units import (in_memory_grid, make_strategy, no_injected_faults, reply, site_context,  # noqa: F401
-                               task_identity, tiny)
+from test_flower_units import (
+    in_memory_grid,
+    make_strategy,
+    reply,
+    site_context,  # noqa: F401
+    )
 
 from cl_fed.adapters import adapter_state, attach_lora
 from cl_fed.config import make_config
 from cl_fed.models.registry import build_model
 from cl_fed.models.tiny import NAME as TINY
-from cl_fed.privacy import (clip_update, epsilon, noise_seed, noise_std, noised_mean, privacy_report, update_norm)
+from cl_fed.privacy import (
+    clip_update,
+    epsilon,
+    noise_seed,
+    noise_std,
+    noised_mean,
+    privacy_report,
+    update_norm,
+)
 from cl_fed.results import RunRecord, render_report
 from clients import client_app
 from server.server_app import fresh_adapter, privacy_now
@@ -31,7 +43,10 @@ DP = {"merge": "factors", "weighting": "uniform", "dp-noise": 0.7}
 # ---- the math ----------------------------------------------------------------------------------
 def test_clipping_scales_a_long_update_to_exactly_the_norm_and_leaves_a_short_one():
     start = {"m.lora_A": torch.tensor([[1.0, 2.0]]), "m.lora_B": torch.tensor([[0.5], [0.0]])}
-    long = {"m.lora_A": torch.tensor([[4.0, 2.0]]), "m.lora_B": torch.tensor([[0.5], [4.0]])}  # update (3, 0), (0, 4)
+    long = {
+        "m.lora_A": torch.tensor([[4.0, 2.0]]),
+        "m.lora_B": torch.tensor([[0.5], [4.0]]),
+    }  # update (3, 0), (0, 4)
     assert update_norm(long, start) == 5.0
     clipped = clip_update(long, start, 1.0)
     assert torch.allclose(clipped["m.lora_A"], torch.tensor([[1.6, 2.0]]))  # 1 + 3/5
@@ -50,8 +65,10 @@ def test_noise_std_and_the_seeded_noised_mean():
     assert noise_std(2.0, 1.5, 3) == 1.0  # z C / n
     with pytest.raises(ValueError, match="num_updates"):
         noise_std(1.0, 1.0, 0)
-    adapters = [{"a.lora_A": torch.full((300, 400), float(i)), "a.lora_B": torch.full((2, 3), 2.0 * i)}
-                for i in (1, 2, 6)]
+    adapters = [
+        {"a.lora_A": torch.full((300, 400), float(i)), "a.lora_B": torch.full((2, 3), 2.0 * i)}
+        for i in (1, 2, 6)
+    ]
     exact = noised_mean(adapters, 0.0, seed=1)
     assert torch.equal(exact["a.lora_A"], torch.full((300, 400), 3.0))
     assert torch.equal(exact["a.lora_B"], torch.full((2, 3), 6.0))
@@ -93,15 +110,21 @@ def test_epsilon_against_the_accountant_and_by_hand():
 
 
 # ---- config ----------------------------------------------------------------------------------------
-@pytest.mark.parametrize("override, words", [
-    ({"dp-noise": 1.0, "weighting": "uniform"}, ["dp-noise=1.0", "merge='product'", "merge='factors'"]),
-    ({"dp-noise": 1.0, "merge": "factors"}, ["dp-noise=1.0", "weighting='examples'", "weighting='uniform'"]),
-    ({**DP, "strategy": "fedavg"}, ["dp-noise=0.7", "strategy='fedavg'"]),
-    ({**DP, "strategy": "local"}, ["dp-noise=0.7", "strategy='local'"]),
-    ({"dp-noise": -1.0}, ["dp-noise=-1.0", ">= 0"]),
-    ({"dp-clip": 0.0}, ["dp-clip=0.0", "> 0"]),
-    ({"dp-delta": 1.0}, ["dp-delta=1.0", "(0, 1)"]),
-])
+@pytest.mark.parametrize(
+    "override, words",
+    [
+        ({"dp-noise": 1.0, "weighting": "uniform"}, ["dp-noise=1.0", "merge='product'", "merge='factors'"]),
+        (
+            {"dp-noise": 1.0, "merge": "factors"},
+            ["dp-noise=1.0", "weighting='examples'", "weighting='uniform'"],
+        ),
+        ({**DP, "strategy": "fedavg"}, ["dp-noise=0.7", "strategy='fedavg'"]),
+        ({**DP, "strategy": "local"}, ["dp-noise=0.7", "strategy='local'"]),
+        ({"dp-noise": -1.0}, ["dp-noise=-1.0", ">= 0"]),
+        ({"dp-clip": 0.0}, ["dp-clip=0.0", "> 0"]),
+        ({"dp-delta": 1.0}, ["dp-delta=1.0", "(0, 1)"]),
+    ],
+)
 def test_dp_config_errors_name_the_keys(override, words):
     with pytest.raises(ValueError) as err:
         make_config(override)
@@ -110,11 +133,15 @@ def test_dp_config_errors_name_the_keys(override, words):
 
 
 def test_dp_config_and_run_names():
-    assert make_config({**DP, "strategy": "fedavg-lora", "merge": "product"}).dp_noise == 0.7  # no merge there
+    assert (
+        make_config({**DP, "strategy": "fedavg-lora", "merge": "product"}).dp_noise == 0.7
+    )  # no merge there
     name = make_config({**DP, "scenario": "tiny"}).default_run_name()
     assert name == "tiny-centralization-every-stage-factors-weightinguniform-dp-noise0.7-seed0"
     # with DP off the clipping norm and delta change nothing, so they do not split runs
-    assert make_config({"dp-clip": 5.0, "dp-delta": 1e-3}).default_run_name() == make_config().default_run_name()
+    assert (
+        make_config({"dp-clip": 5.0, "dp-delta": 1e-3}).default_run_name() == make_config().default_run_name()
+    )
 
 
 # ---- the client mod and the server's aggregate on real messages ----------------------------------
@@ -132,7 +159,9 @@ def dp_strategy(tiny, speech_and_spec, clip: float):
     return strategy
 
 
-def test_the_clipping_mod_clips_a_real_site_update_and_the_server_noises_the_mean(tiny, speech_and_spec, tmp_path):
+def test_the_clipping_mod_clips_a_real_site_update_and_the_server_noises_the_mean(
+    tiny, speech_and_spec, tmp_path
+):
     clip = 0.02  # the tiny scenario's updates measure 0.10..0.14: every one is clipped
     strategy = dp_strategy(tiny, speech_and_spec, clip)
     grid, nodes = in_memory_grid(2)
@@ -143,14 +172,18 @@ def test_the_clipping_mod_clips_a_real_site_update_and_the_server_noises_the_mea
     start = messages[0].content["adapter"].to_torch_state_dict()
     assert all(torch.equal(start[k], drawn[k]) for k in drawn) and list(start) == list(drawn)
     assert all(m.content["config"][KEY_CLIPPING_NORM] == clip for m in messages)
-    assert all(m.content["config"]["sync"] == "full" for m in messages)  # the mod must cope with two ArrayRecords
+    assert all(
+        m.content["config"]["sync"] == "full" for m in messages
+    )  # the mod must cope with two ArrayRecords
 
     raw, replies = [], []
     for i, msg in enumerate(messages):
+
         def train_and_keep(m, ctx):
             out = client_app.train(m, ctx)
             raw.append({k: v.clone() for k, v in out.content["arrays"].to_torch_state_dict().items()})
             return out
+
         context = site_context(tmp_path, i, nodes[i], **DP, **{"dp-clip": clip})
         replies.append(client_app.clip_adapter_update(msg, context, train_and_keep))
     for before, answer in zip(raw, replies):
@@ -159,7 +192,9 @@ def test_the_clipping_mod_clips_a_real_site_update_and_the_server_noises_the_mea
         assert update_norm(before, start) > 3 * clip  # it trained, far beyond the norm
         assert update_norm(after, start) == pytest.approx(clip, rel=1e-4)
         factor = clip / update_norm(before, start)  # the direction is kept
-        assert all(torch.allclose(after[k] - start[k], (before[k] - start[k]) * factor, atol=1e-7) for k in after)
+        assert all(
+            torch.allclose(after[k] - start[k], (before[k] - start[k]) * factor, atol=1e-7) for k in after
+        )
         assert set(answer.content.config_records) == {"site"} and "metrics" in answer.content
 
     # the server: the mean of the clipped updates plus N(0, (z C / n)^2), seeded by the round
@@ -184,14 +219,20 @@ def test_the_clipping_mod_clips_a_real_site_update_and_the_server_noises_the_mea
     strategy.round, strategy.last_round_of_stage = 1, True
     second = list(strategy.configure_train(2, ArrayRecord(), ConfigRecord(), grid))
     for msg in second:
-        assert all(torch.equal(msg.content["adapter"].to_torch_state_dict()[k], expected[k]) for k in expected)
+        assert all(
+            torch.equal(msg.content["adapter"].to_torch_state_dict()[k], expected[k]) for k in expected
+        )
 
 
 def test_the_mod_passes_other_messages_through(tiny, tmp_path):
-    msg = Message(RecordDict({"config": ConfigRecord({"stage": 0})}), dst_node_id=1, message_type=MessageType.EVALUATE)
+    msg = Message(
+        RecordDict({"config": ConfigRecord({"stage": 0})}), dst_node_id=1, message_type=MessageType.EVALUATE
+    )
     answer = Message(RecordDict({"metrics": ConfigRecord({"x": 1})}), reply_to=msg)
     assert client_app.clip_adapter_update(msg, site_context(tmp_path, 0, 1), lambda m, c: answer) is answer
-    train = Message(RecordDict({"config": ConfigRecord({"stage": 0})}), dst_node_id=1, message_type=MessageType.TRAIN)
+    train = Message(
+        RecordDict({"config": ConfigRecord({"stage": 0})}), dst_node_id=1, message_type=MessageType.TRAIN
+    )
     assert client_app.clip_adapter_update(train, site_context(tmp_path, 0, 1), lambda m, c: answer) is answer
 
 
@@ -203,10 +244,20 @@ def test_epsilon_derives_from_the_round_log_so_resume_keeps_it(tmp_path):
     assert privacy_now(cfg, rounds[:2])["epsilon"] < privacy["epsilon"]
     assert privacy == privacy_report(0.7, 2.0, 1e-5, 1.0, 3, privacy["noise_seed"])
     assert privacy["accountant"].startswith("opacus.accountants.RDPAccountant (opacus 1.6.0")
-    record = RunRecord(run_name="r", strategy="centralization", schedule={}, config=cfg.to_dict(), stages=["a"],
-                       rounds=rounds, privacy=privacy)
+    record = RunRecord(
+        run_name="r",
+        strategy="centralization",
+        schedule={},
+        config=cfg.to_dict(),
+        stages=["a"],
+        rounds=rounds,
+        privacy=privacy,
+    )
     data = record.to_json()
     assert data["privacy"] == privacy
     report = render_report(data)
     assert "## Differential privacy" in report and f"({privacy['epsilon']:.3g}, 1e-05)-DP" in report
-    assert "privacy" not in RunRecord(run_name="r", strategy="fedavg", schedule={}, config={}, stages=["a"]).to_json()
+    assert (
+        "privacy"
+        not in RunRecord(run_name="r", strategy="fedavg", schedule={}, config={}, stages=["a"]).to_json()
+    )

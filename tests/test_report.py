@@ -9,20 +9,49 @@ import pytest
 
 matplotlib.use("Agg")
 
-from simulations.report import group_runs, load_runs, plot_forgetting_curves, plot_heatmaps, plot_wer_vs_bytes, write_report
+from simulations.report import (
+    group_runs,
+    load_runs,
+    plot_forgetting_curves,
+    plot_heatmaps,
+    plot_wer_vs_bytes,
+    write_report,
+)
 
 STAGES = ["s1", "s2"]
 
 
-def results(name, strategy, seed, wer, cer, initial, metrics, bytes_up, bytes_down, wall, mode=None, complete=True,
-            privacy=None):
+def results(
+    name,
+    strategy,
+    seed,
+    wer,
+    cer,
+    initial,
+    metrics,
+    bytes_up,
+    bytes_down,
+    wall,
+    mode=None,
+    complete=True,
+    privacy=None,
+):
     schedule = {"centralize_every": 1, "merge": "product"} if mode is None else {"mode": mode}
     return {
-        "run_name": f"toy-{name}-seed{seed}", "strategy": strategy, "schedule": schedule,
+        "run_name": f"toy-{name}-seed{seed}",
+        "strategy": strategy,
+        "schedule": schedule,
         "config": {"scenario": "toy", "strategy": strategy, "seed": seed, "output-dir": "/somewhere"},
-        "stages": STAGES, "complete": complete, "wer_matrix": wer, "cer_matrix": cer, "initial_wer": initial,
+        "stages": STAGES,
+        "complete": complete,
+        "wer_matrix": wer,
+        "cer_matrix": cer,
+        "initial_wer": initial,
         "other_test_sets": {"foundation": {"wer": [10.0, 30.0 + seed], "cer": [5.0, 9.0]}},
-        "metrics": metrics, "bytes_up": bytes_up, "bytes_down": bytes_down, "wall_seconds": wall,
+        "metrics": metrics,
+        "bytes_up": bytes_up,
+        "bytes_down": bytes_down,
+        "wall_seconds": wall,
         **({"privacy": privacy} if privacy else {}),
     }
 
@@ -36,19 +65,72 @@ def write(folder, data):
 @pytest.fixture()
 def sweep(tmp_path):
     # centralization, seeds 0 and 1; fedavg, seed 0; a joint run; an unfinished run
-    write(tmp_path, results("centralization", "centralization", 0, [[20, 80], [30, 40]], [[10, 40], [12, 20]],
-                            [50, 90], {"awer": 35.0, "bwt": -10.0, "forgetting": 10.0, "fwt": 10.0,
-                                       "new_stage_wer": 30.0}, 2_000_000, 8_000_000, 100.0))
-    write(tmp_path, results("centralization", "centralization", 1, [[24, 70], [40, 50]], [[14, 30], [16, 30]],
-                            [50, 80], {"awer": 45.0, "bwt": -16.0, "forgetting": 16.0, "fwt": 10.0,
-                                       "new_stage_wer": 37.0}, 2_000_000, 8_000_000, 110.0))
-    write(tmp_path, results("fedavg", "fedavg", 0, [[10, 90], [60, 30]], [[5, 50], [30, 15]], [50, 90],
-                            {"awer": 45.0, "bwt": -50.0, "forgetting": 50.0, "fwt": 0.0, "new_stage_wer": 20.0},
-                            40_000_000, 40_000_000, 90.0, privacy={"epsilon": 7.5, "delta": 1e-5}))
-    write(tmp_path, results("joint", "joint", 0, [[15, 25]], [[7, 11]], [50, 90],
-                            {"awer": 20.0, "bwt": None, "forgetting": None, "fwt": None, "new_stage_wer": None},
-                            0, 0, 60.0, mode="joint"))
-    write(tmp_path, results("local", "local", 0, [[15, 25]], [[7, 11]], [50, 90], None, 0, 0, 1.0, complete=False))
+    write(
+        tmp_path,
+        results(
+            "centralization",
+            "centralization",
+            0,
+            [[20, 80], [30, 40]],
+            [[10, 40], [12, 20]],
+            [50, 90],
+            {"awer": 35.0, "bwt": -10.0, "forgetting": 10.0, "fwt": 10.0, "new_stage_wer": 30.0},
+            2_000_000,
+            8_000_000,
+            100.0,
+        ),
+    )
+    write(
+        tmp_path,
+        results(
+            "centralization",
+            "centralization",
+            1,
+            [[24, 70], [40, 50]],
+            [[14, 30], [16, 30]],
+            [50, 80],
+            {"awer": 45.0, "bwt": -16.0, "forgetting": 16.0, "fwt": 10.0, "new_stage_wer": 37.0},
+            2_000_000,
+            8_000_000,
+            110.0,
+        ),
+    )
+    write(
+        tmp_path,
+        results(
+            "fedavg",
+            "fedavg",
+            0,
+            [[10, 90], [60, 30]],
+            [[5, 50], [30, 15]],
+            [50, 90],
+            {"awer": 45.0, "bwt": -50.0, "forgetting": 50.0, "fwt": 0.0, "new_stage_wer": 20.0},
+            40_000_000,
+            40_000_000,
+            90.0,
+            privacy={"epsilon": 7.5, "delta": 1e-5},
+        ),
+    )
+    write(
+        tmp_path,
+        results(
+            "joint",
+            "joint",
+            0,
+            [[15, 25]],
+            [[7, 11]],
+            [50, 90],
+            {"awer": 20.0, "bwt": None, "forgetting": None, "fwt": None, "new_stage_wer": None},
+            0,
+            0,
+            60.0,
+            mode="joint",
+        ),
+    )
+    write(
+        tmp_path,
+        results("local", "local", 0, [[15, 25]], [[7, 11]], [50, 90], None, 0, 0, 1.0, complete=False),
+    )
     return tmp_path
 
 
@@ -75,7 +157,9 @@ def test_written_table_and_csv_match_the_results(sweep, tmp_path_factory):
     table = (out / "comparison.md").read_text()
     assert "| centralization | 0,1 | 40.0 ± 7.1 | -13.0 ± 4.2 |" in table
     assert "| joint | 0 | 20.0 | n/a | n/a | n/a | n/a |" in table
-    assert float(rows_of(out)["fedavg"]["epsilon_mean"]) == 7.5 and rows_of(out)["joint"]["epsilon_mean"] == ""
+    assert (
+        float(rows_of(out)["fedavg"]["epsilon_mean"]) == 7.5 and rows_of(out)["joint"]["epsilon_mean"] == ""
+    )
     assert "incomplete run" in table  # what was left out is said
     rows = rows_of(out)
     assert float(rows["fedavg"]["awer_mean"]) == 45.0 and rows["fedavg"]["awer_std"] == ""
@@ -92,7 +176,9 @@ def rows_of(out):
 def test_plots_draw_the_table_numbers(sweep):
     rows = group_runs(load_runs(sweep)[0])
     heatmaps = plot_heatmaps(rows)
-    drawn = {ax.get_title().split("\n")[0]: ax.images[0].get_array().tolist() for ax in heatmaps.axes if ax.images}
+    drawn = {
+        ax.get_title().split("\n")[0]: ax.images[0].get_array().tolist() for ax in heatmaps.axes if ax.images
+    }
     assert drawn == {row.label: row.mean_matrix() for row in rows}
 
     curves = plot_forgetting_curves(rows)
@@ -103,13 +189,19 @@ def test_plots_draw_the_table_numbers(sweep):
     assert lines["joint"] == [25, 25]  # the joint model: a horizontal line at its WER
 
     scatter = plot_wer_vs_bytes(rows)
-    points = {c.get_label(): (c.lines[0].get_xdata()[0], c.lines[0].get_ydata()[0]) for c in scatter.axes[0].containers}
+    points = {
+        c.get_label(): (c.lines[0].get_xdata()[0], c.lines[0].get_ydata()[0])
+        for c in scatter.axes[0].containers
+    }
     assert points == {"centralization": (10.0, 40.0), "fedavg": (80.0, 45.0)}  # joint sent nothing: not drawn
 
 
 def test_runs_written_before_a_key_existed_group_with_newer_ones(sweep):
     old = json.loads((sweep / "toy-centralization-seed1" / "results.json").read_text())
-    old["config"]["dp-noise"], old["config"]["full-lr"] = 0.0, 0.123  # a newer key at its default; an ignored knob
+    old["config"]["dp-noise"], old["config"]["full-lr"] = (
+        0.0,
+        0.123,
+    )  # a newer key at its default; an ignored knob
     (sweep / "toy-centralization-seed1" / "results.json").write_text(json.dumps(old))
     rows = {row.label: row for row in group_runs(load_runs(sweep)[0])}
     assert rows["centralization"].seeds == [0, 1]

@@ -15,8 +15,9 @@ from cl_fed.run import main, run_joint, run_single_site
 @pytest.mark.slow
 @pytest.mark.parametrize("every", ["stage", "2", "round"])
 def test_single_site_runner_writes_consistent_results(tmp_path, every):
-    cfg = make_config({"scenario": "tiny", "rounds-per-stage": 1, "centralize-every": every,
-                       "output-dir": str(tmp_path)})
+    cfg = make_config(
+        {"scenario": "tiny", "rounds-per-stage": 1, "centralize-every": every, "output-dir": str(tmp_path)}
+    )
     run_dir = run_single_site(cfg, site="all", progress=False)
     results = json.loads((run_dir / "results.json").read_text())
     assert results["stages"] == ["en-welding", "de-codeswitch"] and results["complete"]
@@ -35,8 +36,15 @@ def test_single_site_runner_writes_consistent_results(tmp_path, every):
 
 @pytest.mark.slow
 def test_joint_upper_bound_trains_once_on_every_stage(tmp_path):
-    cfg = make_config({"scenario": "tiny", "rounds-per-stage": 2, "strategy": "centralization", "lora-rank": 4,
-                       "output-dir": str(tmp_path)})
+    cfg = make_config(
+        {
+            "scenario": "tiny",
+            "rounds-per-stage": 2,
+            "strategy": "centralization",
+            "lora-rank": 4,
+            "output-dir": str(tmp_path),
+        }
+    )
     run_dir = run_joint(cfg, progress=False)
     assert run_dir.name == "tiny-joint-seed0"  # full fine-tuning: LoRA and schedule knobs do not apply
     results = json.loads((run_dir / "results.json").read_text())

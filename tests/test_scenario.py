@@ -15,15 +15,21 @@ BASE = {
     "foundation": {"train_utterances": 10, "test_utterances": 2, "conditions": {"languages": ["en"]}},
     "stages": [
         {"name": "s1", "test_utterances": 4, "conditions": {"noise": "broadband", "train_utterances": 5}},
-        {"name": "s2", "test_utterances": 4, "conditions": {"languages": ["de", "de-en"], "snr_db": 12},
-         "sites": {"factory-b": {"noise": "hum", "snr_db": [5, 10], "voices": {"en": ["en-gb"]}}}},
+        {
+            "name": "s2",
+            "test_utterances": 4,
+            "conditions": {"languages": ["de", "de-en"], "snr_db": 12},
+            "sites": {"factory-b": {"noise": "hum", "snr_db": [5, 10], "voices": {"en": ["en-gb"]}}},
+        },
     ],
 }
 
 
 def write(tmp_path, data, name="bad.yaml"):
     path = tmp_path / name
-    path.write_text(data if isinstance(data, str) else yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+    path.write_text(
+        data if isinstance(data, str) else yaml.safe_dump(data, sort_keys=False), encoding="utf-8"
+    )
     return path
 
 
@@ -85,11 +91,21 @@ def mutated(path: str, value):
 def test_fingerprint_is_stable_and_follows_every_value(tmp_path, monkeypatch):
     base = parse_scenario(BASE)
     assert base.fingerprint() == parse_scenario(copy.deepcopy(BASE)).fingerprint()
-    assert base.fingerprint() == load_scenario(write(tmp_path, BASE, "same.yaml")).fingerprint()  # source ignored
-    changes = [("seed", 4), ("name", "unit2"), ("max_seconds", 9.5), ("sites", ["factory-a", "factory-b", "factory-c"]),
-               ("foundation/train_utterances", 11), ("stages/0/name", "s0"), ("stages/0/test_utterances", 5),
-               ("stages/0/conditions/noise", "mixed"), ("stages/1/sites/factory-b/snr_db", [5, 11]),
-               ("stages/1/sites/factory-b/voices", {"en": ["en-us"]})]
+    assert (
+        base.fingerprint() == load_scenario(write(tmp_path, BASE, "same.yaml")).fingerprint()
+    )  # source ignored
+    changes = [
+        ("seed", 4),
+        ("name", "unit2"),
+        ("max_seconds", 9.5),
+        ("sites", ["factory-a", "factory-b", "factory-c"]),
+        ("foundation/train_utterances", 11),
+        ("stages/0/name", "s0"),
+        ("stages/0/test_utterances", 5),
+        ("stages/0/conditions/noise", "mixed"),
+        ("stages/1/sites/factory-b/snr_db", [5, 11]),
+        ("stages/1/sites/factory-b/voices", {"en": ["en-us"]}),
+    ]
     prints = {base.fingerprint()}
     for path, value in changes:
         prints.add(parse_scenario(mutated(path, value)).fingerprint())
@@ -111,30 +127,77 @@ ERRORS = [
     (lambda d: d["stages"][0].update(name="foundation"), "stages[0].name", "'foundation'"),
     (lambda d: d["stages"][1].pop("test_utterances"), "stages[1].test_utterances", "missing"),
     (lambda d: d["stages"][1]["sites"].update({"factory-x": {}}), "stages[1].sites.factory-x", "'factory-x'"),
-    (lambda d: d["stages"][1]["sites"]["factory-b"].update(noise="loud"), "stages[1].sites.factory-b.noise", "'loud'"),
+    (
+        lambda d: d["stages"][1]["sites"]["factory-b"].update(noise="loud"),
+        "stages[1].sites.factory-b.noise",
+        "'loud'",
+    ),
     (lambda d: d["stages"][0]["conditions"].update(noize="hum"), "stages[0].conditions.noize", "unknown key"),
-    (lambda d: d["stages"][0]["conditions"].update(rate=[200, 100]), "stages[0].conditions.rate", "[200, 100]"),
+    (
+        lambda d: d["stages"][0]["conditions"].update(rate=[200, 100]),
+        "stages[0].conditions.rate",
+        "[200, 100]",
+    ),
     (lambda d: d["stages"][0]["conditions"].update(rate=[50, 100]), "stages[0].conditions.rate[0]", "50"),
-    (lambda d: d["stages"][0]["conditions"].update(rate=[150.5, 160]), "stages[0].conditions.rate[0]", "150.5"),
+    (
+        lambda d: d["stages"][0]["conditions"].update(rate=[150.5, 160]),
+        "stages[0].conditions.rate[0]",
+        "150.5",
+    ),
     (lambda d: d["stages"][0]["conditions"].update(pitch=[0, 120]), "stages[0].conditions.pitch[1]", "120"),
-    (lambda d: d["stages"][0]["conditions"].update(snr_db="high"), "stages[0].conditions.snr_db[0]", "'high'"),
-    (lambda d: d["stages"][0]["conditions"].update(snr_db=[1, 2, 3]), "stages[0].conditions.snr_db", "[1, 2, 3]"),
+    (
+        lambda d: d["stages"][0]["conditions"].update(snr_db="high"),
+        "stages[0].conditions.snr_db[0]",
+        "'high'",
+    ),
+    (
+        lambda d: d["stages"][0]["conditions"].update(snr_db=[1, 2, 3]),
+        "stages[0].conditions.snr_db",
+        "[1, 2, 3]",
+    ),
     (lambda d: d["stages"][0]["conditions"].update(rt60=[0, 1]), "stages[0].conditions.rt60[0]", "0"),
     (lambda d: d["stages"][0]["conditions"].update(reverb=1.5), "stages[0].conditions.reverb", "1.5"),
-    (lambda d: d["stages"][0]["conditions"].update(gain_db=[-6, 30]), "stages[0].conditions.gain_db[1]", "30"),
-    (lambda d: d["stages"][0]["conditions"].update(languages=["en", "xx"]), "stages[0].conditions.languages[1]",
-     "'xx'"),
+    (
+        lambda d: d["stages"][0]["conditions"].update(gain_db=[-6, 30]),
+        "stages[0].conditions.gain_db[1]",
+        "30",
+    ),
+    (
+        lambda d: d["stages"][0]["conditions"].update(languages=["en", "xx"]),
+        "stages[0].conditions.languages[1]",
+        "'xx'",
+    ),
     (lambda d: d["stages"][0]["conditions"].update(languages=[]), "stages[0].conditions.languages", "[]"),
-    (lambda d: d["stages"][0]["conditions"].update(voices={"de": ["nope"]}), "stages[0].conditions.voices.de[0]",
-     "'nope'"),
-    (lambda d: d["stages"][0]["conditions"].update(voices={"it": ["it"]}), "stages[0].conditions.voices.it",
-     "unknown key"),
-    (lambda d: d["stages"][0]["conditions"].update(variants=["zz9"]), "stages[0].conditions.variants[0]", "'zz9'"),
-    (lambda d: d["stages"][0]["conditions"].update(domain="painting"), "stages[0].conditions.domain", "'painting'"),
-    (lambda d: d["stages"][0]["conditions"].update(train_utterances=-1),
-     "stages[0].conditions.train_utterances", "-1"),
-    (lambda d: d["foundation"]["conditions"].update(train_utterances=5),
-     "foundation.conditions.train_utterances", "5"),
+    (
+        lambda d: d["stages"][0]["conditions"].update(voices={"de": ["nope"]}),
+        "stages[0].conditions.voices.de[0]",
+        "'nope'",
+    ),
+    (
+        lambda d: d["stages"][0]["conditions"].update(voices={"it": ["it"]}),
+        "stages[0].conditions.voices.it",
+        "unknown key",
+    ),
+    (
+        lambda d: d["stages"][0]["conditions"].update(variants=["zz9"]),
+        "stages[0].conditions.variants[0]",
+        "'zz9'",
+    ),
+    (
+        lambda d: d["stages"][0]["conditions"].update(domain="painting"),
+        "stages[0].conditions.domain",
+        "'painting'",
+    ),
+    (
+        lambda d: d["stages"][0]["conditions"].update(train_utterances=-1),
+        "stages[0].conditions.train_utterances",
+        "-1",
+    ),
+    (
+        lambda d: d["foundation"]["conditions"].update(train_utterances=5),
+        "foundation.conditions.train_utterances",
+        "5",
+    ),
     (lambda d: d["foundation"].update(test_utterances="2"), "foundation.test_utterances", "'2'"),
     (lambda d: d.update(max_seconds=0), "max_seconds", "0"),
     (lambda d: d.update(stages=[]), "stages", "[]"),
@@ -164,12 +227,15 @@ def test_allowed_values_are_listed_in_errors(tmp_path):
         load_scenario(write(tmp_path, mutated("stages/0/conditions/rate", 500)))
 
 
-@pytest.mark.parametrize("text, needle", [
-    ("", "empty"),
-    ("name: [unclosed\n", "not valid YAML"),
-    ("name: a\nname: b\nsites: [x]\nstages: []\n", "duplicate key 'name'"),
-    ("- just\n- a list\n", "must be a mapping"),
-])
+@pytest.mark.parametrize(
+    "text, needle",
+    [
+        ("", "empty"),
+        ("name: [unclosed\n", "not valid YAML"),
+        ("name: a\nname: b\nsites: [x]\nstages: []\n", "duplicate key 'name'"),
+        ("- just\n- a list\n", "must be a mapping"),
+    ],
+)
 def test_unreadable_files(tmp_path, text, needle):
     path = write(tmp_path, text)
     with pytest.raises(ScenarioError, match=needle) as caught:

@@ -89,7 +89,11 @@ def test_explicit_order_and_subsets():
     [
         (rows()[:-1], {}, r"stage\(s\) \['s3'\] have no test rows"),
         (rows(), {"sites": ["a", "c"]}, r"site\(s\) \['c'\] have no train rows in any stage"),
-        (rows(), {"stages": ["s1", "s4"]}, r"unknown stage\(s\) \['s4'\]; the data has stages \['s1', 's2', 's3'\]"),
+        (
+            rows(),
+            {"stages": ["s1", "s4"]},
+            r"unknown stage\(s\) \['s4'\]; the data has stages \['s1', 's2', 's3'\]",
+        ),
         (rows(), {"stages": ["foundation", "s1"]}, "'foundation' is pre-training data"),
         (rows(), {"stages": ["s1", "s1"]}, "list a stage twice"),
         (rows() + [utt("z", "a", "")], {}, r"1 row\(s\) have no stage \(first: 'z'\)"),

@@ -35,13 +35,26 @@ def test_unknown_mode_is_a_clear_error(tmp_path):
 
 @pytest.mark.slow
 def test_sweep_runs_each_distinct_run_once_and_resumes(tmp_path):
-    command = [sys.executable, "-m", "simulations.sweep", "-m", "scenario=tiny", "strategy=fedavg-lora,fedavg",
-               "centralize-every=round,stage", "rounds-per-stage=1", "sites=1", f"output-dir={tmp_path}"]
+    command = [
+        sys.executable,
+        "-m",
+        "simulations.sweep",
+        "-m",
+        "scenario=tiny",
+        "strategy=fedavg-lora,fedavg",
+        "centralize-every=round,stage",
+        "rounds-per-stage=1",
+        "sites=1",
+        f"output-dir={tmp_path}",
+    ]
     first = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     # neither strategy uses a schedule: 4 combinations, 2 distinct runs
     names = sorted(p.parent.name for p in tmp_path.glob("*/results.json"))
-    assert names == ["tiny-fedavg-lora-sites1-rounds-per-stage1-seed0", "tiny-fedavg-sites1-rounds-per-stage1-seed0"]
+    assert names == [
+        "tiny-fedavg-lora-sites1-rounds-per-stage1-seed0",
+        "tiny-fedavg-sites1-rounds-per-stage1-seed0",
+    ]
     assert "[sweep 4/4]" in first.stdout and first.stdout.count("already complete, not run again") == 2
     # rerunning the same command runs nothing again
     again = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)

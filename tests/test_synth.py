@@ -18,8 +18,17 @@ from cl_fed.data.scenario import load_scenario, parse_scenario
 from cl_fed.data.text import CODE_SWITCHED
 from cl_fed.textnorm import normalize_text
 
-MICRO = {"name": "micro", "sites": ["site-a"], "stages": [
-    {"name": "only", "test_utterances": 1, "conditions": {"train_utterances": 2, "languages": ["fr", "es-en"]}}]}
+MICRO = {
+    "name": "micro",
+    "sites": ["site-a"],
+    "stages": [
+        {
+            "name": "only",
+            "test_utterances": 1,
+            "conditions": {"train_utterances": 2, "languages": ["fr", "es-en"]},
+        }
+    ],
+}
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +37,9 @@ def tiny_dir(tmp_path_factory) -> Path:
 
 
 def manifest(dataset: Path) -> list[dict]:
-    return [json.loads(line) for line in (dataset / "manifest.jsonl").read_text(encoding="utf-8").splitlines()]
+    return [
+        json.loads(line) for line in (dataset / "manifest.jsonl").read_text(encoding="utf-8").splitlines()
+    ]
 
 
 def test_layout_and_manifest_records(tiny_dir):
@@ -37,7 +48,9 @@ def test_layout_and_manifest_records(tiny_dir):
     records = manifest(tiny_dir)
     assert len(records) == 40 + 8 + 2 * 2 * 8 + 2 * 6
     assert len({r["id"] for r in records}) == len(records)
-    assert sorted(p.name for p in (tiny_dir / "audio").iterdir()) == sorted(f"{r['id']}.flac" for r in records)
+    assert sorted(p.name for p in (tiny_dir / "audio").iterdir()) == sorted(
+        f"{r['id']}.flac" for r in records
+    )
     for r in records:
         assert set(r) == {"id", "audio", "text", "site", "stage", "split", "speaker", "language", "seconds"}
         assert r["audio"] == f"audio/{r['id']}.flac"
@@ -76,10 +89,15 @@ def test_summary_counts_match_the_manifest(tiny_dir):
     summary = json.loads((tiny_dir / "summary.json").read_text())
     records = manifest(tiny_dir)
     assert summary["name"] == "tiny" and summary["fingerprint"] == load_scenario("tiny").fingerprint()
-    assert summary["stages"] == ["en-welding", "de-codeswitch"] and summary["sites"] == ["factory-a", "factory-b"]
+    assert summary["stages"] == ["en-welding", "de-codeswitch"] and summary["sites"] == [
+        "factory-a",
+        "factory-b",
+    ]
     assert summary["total_utterances"] == len(records)
     cell = summary["counts"]["train"]["en-welding"]["factory-b"]
-    chosen = [r for r in records if (r["split"], r["stage"], r["site"]) == ("train", "en-welding", "factory-b")]
+    chosen = [
+        r for r in records if (r["split"], r["stage"], r["site"]) == ("train", "en-welding", "factory-b")
+    ]
     assert cell["utterances"] == len(chosen)
     assert cell["seconds"] == pytest.approx(sum(r["seconds"] for r in chosen), abs=1e-3)
     assert summary["counts"]["test"]["foundation"][""]["utterances"] == 8
@@ -99,7 +117,9 @@ def test_same_scenario_is_byte_identical_with_two_workers(tiny_dir, tmp_path):
     assert other.name == tiny_dir.name
     assert (other / "manifest.jsonl").read_bytes() == (tiny_dir / "manifest.jsonl").read_bytes()
     for record in manifest(tiny_dir):
-        assert (other / record["audio"]).read_bytes() == (tiny_dir / record["audio"]).read_bytes(), record["id"]
+        assert (other / record["audio"]).read_bytes() == (tiny_dir / record["audio"]).read_bytes(), record[
+            "id"
+        ]
 
 
 def test_changed_scenario_gets_a_new_directory(tmp_path):
@@ -126,8 +146,10 @@ def test_killed_generation_leaves_no_dataset(tmp_path):
     big = dict(MICRO, stages=[dict(MICRO["stages"][0], conditions={"train_utterances": 400})])
     scenario_file = tmp_path / "big.yaml"
     scenario_file.write_text(yaml.safe_dump(big))
-    code = (f"from cl_fed.data.synth import generate; "
-            f"generate({str(scenario_file)!r}, cache_dir={str(tmp_path)!r}, workers=1, progress=False)")
+    code = (
+        f"from cl_fed.data.synth import generate; "
+        f"generate({str(scenario_file)!r}, cache_dir={str(tmp_path)!r}, workers=1, progress=False)"
+    )
     child = subprocess.Popen([sys.executable, "-c", code])
     speech = tmp_path / "speech"
     try:
@@ -146,7 +168,16 @@ def test_killed_generation_leaves_no_dataset(tmp_path):
 
 def test_describe_and_command_line(tiny_dir, capsys):
     text = synth.describe(tiny_dir)
-    for word in ("tiny", "factory-a", "factory-b", "foundation", "en-welding", "de-codeswitch", "train", "test"):
+    for word in (
+        "tiny",
+        "factory-a",
+        "factory-b",
+        "foundation",
+        "en-welding",
+        "de-codeswitch",
+        "train",
+        "test",
+    ):
         assert word in text
     assert "8 / 0.0" in text  # 8 utterances per site and stage
     synth.main(["--scenario", "tiny", "--cache-dir", str(tiny_dir.parent.parent), "--no-progress"])
@@ -155,7 +186,12 @@ def test_describe_and_command_line(tiny_dir, capsys):
 
 
 def test_utterance_seed_depends_on_every_part():
-    seeds = {synth.utterance_seed(0, "s", "a", "train", 0), synth.utterance_seed(1, "s", "a", "train", 0),
-             synth.utterance_seed(0, "t", "a", "train", 0), synth.utterance_seed(0, "s", "b", "train", 0),
-             synth.utterance_seed(0, "s", "a", "test", 0), synth.utterance_seed(0, "s", "a", "train", 1)}
+    seeds = {
+        synth.utterance_seed(0, "s", "a", "train", 0),
+        synth.utterance_seed(1, "s", "a", "train", 0),
+        synth.utterance_seed(0, "t", "a", "train", 0),
+        synth.utterance_seed(0, "s", "b", "train", 0),
+        synth.utterance_seed(0, "s", "a", "test", 0),
+        synth.utterance_seed(0, "s", "a", "train", 1),
+    }
     assert len(seeds) == 6

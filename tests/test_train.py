@@ -20,8 +20,13 @@ from cl_fed.train import FeatureCache, TrainConfig, length_batches, lr_factor, t
 SR = 16000
 PITCH = {"a": 400.0, "b": 900.0, "c": 1600.0, " ": None}
 TEXTS = ["abc", "cab", "ba ca", "acb"]
-SMALL = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128,
-             subsampling_conv_channels=32)
+SMALL = dict(
+    hidden_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    intermediate_size=128,
+    subsampling_conv_channels=32,
+)
 
 
 def tone_sequence(text: str, seconds_per_char: float = 0.16) -> torch.Tensor:
@@ -48,7 +53,9 @@ def quick(**overrides) -> TrainConfig:
 
 def test_small_model_learns_tone_sequences(utterances):
     speech = build_tiny(seed=0, **SMALL)
-    config = TrainConfig(max_steps=80, batch_size=4, lr=1e-2, warmup_steps=10, spec_augment=False, progress=False)
+    config = TrainConfig(
+        max_steps=80, batch_size=4, lr=1e-2, warmup_steps=10, spec_augment=False, progress=False
+    )
     result = train_local(speech, utterances, config)
     assert result.steps == 80 and len(result.step_losses) == 80
     assert result.step_losses[-1] < 0.1 * result.step_losses[0]

@@ -43,8 +43,9 @@ def machine_hum(num_samples: int, sample_rate: int, generator: torch.Generator) 
     return _unit_rms(wave).float()
 
 
-def broadband_noise(num_samples: int, sample_rate: int, generator: torch.Generator,
-                    exponent: float | None = None) -> torch.Tensor:
+def broadband_noise(
+    num_samples: int, sample_rate: int, generator: torch.Generator, exponent: float | None = None
+) -> torch.Tensor:
     """Coloured noise at unit RMS with power spectrum ~ 1/f**exponent (0 white, 1 pink, 2 brown).
 
     The exponent is drawn in 0..1.5 (white to between pink and brown) unless given.
@@ -76,14 +77,18 @@ def add_noise(clean: torch.Tensor, noise: torch.Tensor, snr_db: float) -> torch.
     return (clean64 + scale * noise).to(clean.dtype)
 
 
-def reverberate(wave: torch.Tensor, sample_rate: int, rt60: float, generator: torch.Generator) -> torch.Tensor:
+def reverberate(
+    wave: torch.Tensor, sample_rate: int, rt60: float, generator: torch.Generator
+) -> torch.Tensor:
     """Convolve with a synthetic room impulse response: a direct path plus exponentially decaying
     noise that falls by 60 dB after rt60 seconds. Output has the input's length and RMS."""
     if rt60 <= 0:
         raise ValueError(f"reverberate: rt60 must be > 0 s, got {rt60}")
     length = max(2, int(rt60 * sample_rate))
     t = torch.arange(length, dtype=torch.float64) / sample_rate
-    response = torch.randn(length, generator=generator, dtype=torch.float64) * torch.exp(-3 * math.log(10) * t / rt60)
+    response = torch.randn(length, generator=generator, dtype=torch.float64) * torch.exp(
+        -3 * math.log(10) * t / rt60
+    )
     response[0] = 1.0 + abs(response[0].item())  # the direct sound is the strongest arrival
     padded = torch.zeros(_fft_size(wave.numel() + length - 1) - length + 1, dtype=torch.float64)
     padded[: wave.numel()] = wave
@@ -110,7 +115,9 @@ def site_noise(kind: str, num_samples: int, sample_rate: int, generator: torch.G
     raise ValueError(f"unknown noise type {kind!r}; choose one of {', '.join(NOISE_TYPES)}")
 
 
-def apply_site_acoustics(wave: torch.Tensor, sample_rate: int, conditions, generator: torch.Generator) -> torch.Tensor:
+def apply_site_acoustics(
+    wave: torch.Tensor, sample_rate: int, conditions, generator: torch.Generator
+) -> torch.Tensor:
     """Noise at an SNR drawn from conditions.snr_db, then reverb with probability conditions.reverb
     (RT60 from conditions.rt60), then a gain from conditions.gain_db; peak-normalised to 0.99 only
     if it would clip. `conditions` is a cl_fed.data.scenario.Conditions (or anything with those fields).

@@ -55,7 +55,9 @@ def _check_wav_complete(path: Path) -> None:
         present = path.stat().st_size - f.tell()
     # 0 and 0xFFFFFFFF are written by streaming encoders that never patch the header
     if size not in (0, 0xFFFFFFFF) and present < size:
-        raise AudioError(path, f"truncated WAV: header declares {size} data bytes, file holds {present}", CORRUPT)
+        raise AudioError(
+            path, f"truncated WAV: header declares {size} data bytes, file holds {present}", CORRUPT
+        )
 
 
 def audio_info(path: str | Path) -> tuple[float, int, int]:

@@ -42,7 +42,9 @@ _BUFFER_MS = 200
 _RATE_RANGE = (80, 450)  # words per minute espeak accepts
 _PITCH_RANGE = (0, 99)
 
-_SYNTH_CALLBACK = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.POINTER(ctypes.c_short), ctypes.c_int, ctypes.c_void_p)
+_SYNTH_CALLBACK = ctypes.CFUNCTYPE(
+    ctypes.c_int, ctypes.POINTER(ctypes.c_short), ctypes.c_int, ctypes.c_void_p
+)
 
 
 class _Voice(ctypes.Structure):
@@ -77,18 +79,29 @@ def _open_engine() -> ctypes.CDLL:
     lib.espeak_SetVoiceByName.argtypes = [ctypes.c_char_p]
     lib.espeak_SetParameter.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int]
     lib.espeak_ng_SetRandSeed.argtypes = [ctypes.c_long]
-    lib.espeak_Synth.argtypes = [ctypes.c_char_p, ctypes.c_size_t, ctypes.c_uint, ctypes.c_int, ctypes.c_uint,
-                                 ctypes.c_uint, ctypes.c_void_p, ctypes.c_void_p]
+    lib.espeak_Synth.argtypes = [
+        ctypes.c_char_p,
+        ctypes.c_size_t,
+        ctypes.c_uint,
+        ctypes.c_int,
+        ctypes.c_uint,
+        ctypes.c_uint,
+        ctypes.c_void_p,
+        ctypes.c_void_p,
+    ]
     lib.espeak_ListVoices.restype = ctypes.POINTER(ctypes.POINTER(_Voice))
     lib.espeak_ListVoices.argtypes = [ctypes.c_void_p]
     lib.espeak_Info.restype = ctypes.c_char_p
     lib.espeak_Info.argtypes = [ctypes.c_void_p]
-    rate = lib.espeak_Initialize(_AUDIO_OUTPUT_SYNCHRONOUS, _BUFFER_MS, espeakng_loader.get_data_path().encode(),
-                                 _INITIALIZE_DONT_EXIT)
+    rate = lib.espeak_Initialize(
+        _AUDIO_OUTPUT_SYNCHRONOUS, _BUFFER_MS, espeakng_loader.get_data_path().encode(), _INITIALIZE_DONT_EXIT
+    )
     if rate != ENGINE_SAMPLE_RATE:
         _close_engine(lib)
-        raise RuntimeError(f"espeak_Initialize returned {rate} (expected {ENGINE_SAMPLE_RATE} Hz); "
-                           f"check the espeak-ng data at {espeakng_loader.get_data_path()}")
+        raise RuntimeError(
+            f"espeak_Initialize returned {rate} (expected {ENGINE_SAMPLE_RATE} Hz); "
+            f"check the espeak-ng data at {espeakng_loader.get_data_path()}"
+        )
     lib.espeak_SetSynthCallback(_collect)
     return lib
 
@@ -101,9 +114,12 @@ def _close_engine(lib: ctypes.CDLL) -> None:
     except OSError:
         return
     _ctypes.dlclose(other._handle)
-    warnings.warn("libespeak-ng stays loaded by other code in this process, so its synthesis state is not "
-                  "reset between utterances and generated audio is not bit-reproducible", RuntimeWarning,
-                  stacklevel=3)
+    warnings.warn(
+        "libespeak-ng stays loaded by other code in this process, so its synthesis state is not "
+        "reset between utterances and generated audio is not bit-reproducible",
+        RuntimeWarning,
+        stacklevel=3,
+    )
 
 
 @lru_cache(maxsize=1)
@@ -125,7 +141,7 @@ def _catalog() -> tuple[dict[str, str], str]:
                 pos = 0
                 while packed[pos] != 0:
                     priority, end = packed[pos], packed.index(b"\0", pos + 1)
-                    code = packed[pos + 1:end].decode().lower()
+                    code = packed[pos + 1 : end].decode().lower()
                     by_language[code] = min(by_language.get(code, (priority, i, ident)), (priority, i, ident))
                     pos = end + 1
                 i += 1
@@ -144,7 +160,9 @@ def available_voices() -> set[str]:
 
 @lru_cache(maxsize=1)
 def _variants() -> frozenset[str]:
-    return frozenset(p.name for p in (Path(espeakng_loader.get_data_path()) / "voices" / "!v").iterdir() if p.is_file())
+    return frozenset(
+        p.name for p in (Path(espeakng_loader.get_data_path()) / "voices" / "!v").iterdir() if p.is_file()
+    )
 
 
 def available_variants() -> set[str]:
@@ -162,15 +180,19 @@ def resolve_voice(voice: str) -> str:
     names = _catalog()[0]
     ident = names.get(voice.lower())
     if ident is None:
-        raise ValueError(f"unknown espeak voice {voice!r}; choose one of available_voices(), "
-                         f"e.g. {', '.join(sorted(n for n in names if n[:2] in ('en', 'de', 'es', 'fr')))}")
+        raise ValueError(
+            f"unknown espeak voice {voice!r}; choose one of available_voices(), "
+            f"e.g. {', '.join(sorted(n for n in names if n[:2] in ('en', 'de', 'es', 'fr')))}"
+        )
     return ident
 
 
 def _check_variant(variant: str | None) -> None:
     if variant is not None and variant not in _variants():
-        raise ValueError(f"unknown espeak voice variant {variant!r}; choose one of "
-                         f"{', '.join(sorted(available_variants()))}")
+        raise ValueError(
+            f"unknown espeak voice variant {variant!r}; choose one of "
+            f"{', '.join(sorted(available_variants()))}"
+        )
 
 
 def build_ssml(parts: list[tuple[str, str]]) -> str:
@@ -185,8 +207,14 @@ def build_ssml(parts: list[tuple[str, str]]) -> str:
     return f"<speak>{body}</speak>"
 
 
-def synthesize(text: str, voice: str = "en", variant: str | None = None, rate: int = 175, pitch: int = 50,
-               ssml: bool = False) -> np.ndarray:
+def synthesize(
+    text: str,
+    voice: str = "en",
+    variant: str | None = None,
+    rate: int = 175,
+    pitch: int = 50,
+    ssml: bool = False,
+) -> np.ndarray:
     """Speak `text` and return float32 samples in [-1, 1] at ENGINE_SAMPLE_RATE.
 
     With ssml=True, `text` is SSML; `<voice name="...">` elements switch voice inside the utterance

@@ -14,8 +14,8 @@ import logging
 import os
 import tempfile
 from collections.abc import Iterator
-from typing import Any
 from pathlib import Path
+from typing import Any
 
 from cl_fed.data.manifest import (
     LoadSummary,
@@ -67,7 +67,9 @@ def _audio_value(value: object, cache_dir: Path) -> str | RowProblem:
     return RowProblem("missing_field", f"audio cell is empty or not a path ({type(value).__name__})")
 
 
-def _fields(row: dict, audio: str | RowProblem, columns: dict[str, str | None], split_name: str | None, row_id: str):
+def _fields(
+    row: dict, audio: str | RowProblem, columns: dict[str, str | None], split_name: str | None, row_id: str
+):
     """Map a source row onto Utterance field names. `split_name` (if given) is the row's split."""
     if isinstance(audio, RowProblem):
         return audio
@@ -145,7 +147,10 @@ def _audiofolder_rows(
                     continue
                 file_name = row.get("file_name") or row.get(f"{audio_column}_file_name")
                 if not file_name:
-                    yield label, RowProblem("missing_field", f"no 'file_name' (or '{audio_column}_file_name')")
+                    yield (
+                        label,
+                        RowProblem("missing_field", f"no 'file_name' (or '{audio_column}_file_name')"),
+                    )
                     continue
                 audio = os.path.normpath(metadata.parent / str(file_name))
                 row_id = Path(os.path.relpath(audio, folder)).with_suffix("").as_posix()

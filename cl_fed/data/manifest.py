@@ -114,14 +114,18 @@ def check_row(
     try:
         seconds = float(fields.get("seconds") or 0.0)
     except (TypeError, ValueError):
-        raise RowProblem("bad_value", f"seconds is not a number: {_short(fields.get('seconds'))}; {where}") from None
+        raise RowProblem(
+            "bad_value", f"seconds is not a number: {_short(fields.get('seconds'))}; {where}"
+        ) from None
     if seconds < 0 or seconds != seconds:
         raise RowProblem("bad_value", f"seconds must be >= 0, got {fields.get('seconds')!r}; {where}")
 
     raw_text = "" if fields.get("text") is None else str(fields["text"])
     text = normalize_text(raw_text)
     if not text:
-        raise RowProblem("empty_text", f"empty transcript after normalisation (text={_short(raw_text)}); {where}")
+        raise RowProblem(
+            "empty_text", f"empty transcript after normalisation (text={_short(raw_text)}); {where}"
+        )
     if vocab is not None:
         outside = sorted(set(text) - set(vocab) - {" "})
         if outside:
@@ -135,7 +139,9 @@ def check_row(
         except AudioError as err:
             raise RowProblem(f"{err.reason}_audio", f"{err.problem}: {audio_path} ({where})") from None
     if max_seconds is not None and seconds > max_seconds:
-        raise RowProblem("too_long", f"clip is {seconds:.2f} s, longer than max_seconds={max_seconds:g}; {audio_path}")
+        raise RowProblem(
+            "too_long", f"clip is {seconds:.2f} s, longer than max_seconds={max_seconds:g}; {audio_path}"
+        )
 
     return Utterance(
         id=_as_text(fields.get("id")) or default_id,
@@ -227,22 +233,34 @@ def read_jsonl_rows(path: Path) -> Iterator[tuple[int, dict | RowProblem]]:
             try:
                 value = json.loads(line)
             except json.JSONDecodeError as err:
-                hint = " (one JSON object per line, not a JSON array)" if line.lstrip().startswith("[") else ""
-                yield line_number, RowProblem("bad_row", f"malformed JSON: {err.msg} at column {err.colno}{hint}")
+                hint = (
+                    " (one JSON object per line, not a JSON array)" if line.lstrip().startswith("[") else ""
+                )
+                yield (
+                    line_number,
+                    RowProblem("bad_row", f"malformed JSON: {err.msg} at column {err.colno}{hint}"),
+                )
                 continue
             if not isinstance(value, dict):
-                yield line_number, RowProblem("bad_row", f"expected a JSON object, got {type(value).__name__}")
+                yield (
+                    line_number,
+                    RowProblem("bad_row", f"expected a JSON object, got {type(value).__name__}"),
+                )
                 continue
             yield line_number, _canonical(value)
 
 
-def read_csv_rows(path: Path, required: Iterable[str] = REQUIRED_FIELDS) -> Iterator[tuple[int, dict | RowProblem]]:
+def read_csv_rows(
+    path: Path, required: Iterable[str] = REQUIRED_FIELDS
+) -> Iterator[tuple[int, dict | RowProblem]]:
     """(line number, fields) per CSV record; the header must name the `required` columns."""
     with open(path, encoding="utf-8-sig", newline="") as f:
         reader = csv.DictReader(f)
         raw_header = [name.strip() for name in (reader.fieldnames or [])]
         # an alias column is renamed unless the real name is there too
-        header = [FIELD_ALIASES.get(n, n) if FIELD_ALIASES.get(n) not in raw_header else n for n in raw_header]
+        header = [
+            FIELD_ALIASES.get(n, n) if FIELD_ALIASES.get(n) not in raw_header else n for n in raw_header
+        ]
         if not header:
             raise ManifestError(f"{path}, row 1: empty CSV manifest (no header row)")
         missing = [name for name in required if name not in header]

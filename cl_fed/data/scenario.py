@@ -106,7 +106,9 @@ class Scenario:
     sites: tuple[str, ...]
     foundation: Foundation
     stages: tuple[Stage, ...]
-    source: str = field(default="<memory>", compare=False)  # where it was loaded from (not in the fingerprint)
+    source: str = field(
+        default="<memory>", compare=False
+    )  # where it was loaded from (not in the fingerprint)
 
     def to_dict(self) -> dict:
         """The resolved content (everything that decides the generated data)."""
@@ -116,8 +118,11 @@ class Scenario:
 
     def fingerprint(self) -> str:
         """sha256 over the resolved content, GENERATOR_VERSION and the espeak-ng version."""
-        payload = {"generator_version": GENERATOR_VERSION, "espeak": espeak.engine_version(),
-                   "scenario": self.to_dict()}
+        payload = {
+            "generator_version": GENERATOR_VERSION,
+            "espeak": espeak.engine_version(),
+            "scenario": self.to_dict(),
+        }
         canonical = json.dumps(payload, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
         return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
@@ -125,10 +130,13 @@ class Scenario:
         for stage in self.stages:
             if stage.name == name:
                 return stage
-        raise KeyError(f"scenario {self.name!r} has no stage {name!r}; stages: {[s.name for s in self.stages]}")
+        raise KeyError(
+            f"scenario {self.name!r} has no stage {name!r}; stages: {[s.name for s in self.stages]}"
+        )
 
 
 # ---- validation helpers ------------------------------------------------------------------------
+
 
 class _Checker:
     """Raises ScenarioError with the file name and key path."""
@@ -146,7 +154,9 @@ class _Checker:
             self.fail(path or "(top level)", "must be a mapping", value)
         for key in value:
             if key not in allowed_keys:
-                self.fail(f"{path}.{key}" if path else str(key), "unknown key", allowed=", ".join(allowed_keys))
+                self.fail(
+                    f"{path}.{key}" if path else str(key), "unknown key", allowed=", ".join(allowed_keys)
+                )
         return value
 
     def integer(self, value: Any, path: str, low: int | None = None, high: int | None = None) -> int:
@@ -165,8 +175,11 @@ class _Checker:
 
     def name(self, value: Any, path: str) -> str:
         if not isinstance(value, str) or not _NAME.match(value):
-            self.fail(path, "must be a name of letters, digits, '.', '_', '-' (starting with a letter or digit)",
-                      value)
+            self.fail(
+                path,
+                "must be a name of letters, digits, '.', '_', '-' (starting with a letter or digit)",
+                value,
+            )
         return value
 
     def span(self, value: Any, path: str, low: float, high: float, integer: bool = False) -> tuple:
@@ -179,8 +192,9 @@ class _Checker:
             self.fail(path, "min is greater than max", value)
         return lo, hi
 
-    def choices(self, value: Any, path: str, allowed: tuple[str, ...] | set[str], shown: str = "",
-                lower: bool = False) -> tuple:
+    def choices(
+        self, value: Any, path: str, allowed: tuple[str, ...] | set[str], shown: str = "", lower: bool = False
+    ) -> tuple:
         items = value if isinstance(value, list) else [value]
         if not items:
             self.fail(path, "must not be empty", value)
@@ -200,8 +214,20 @@ def _span(low, high) -> str:
     return f">= {low}" if high is None else f"{low}..{high}"
 
 
-_CONDITION_KEYS = ("languages", "voices", "variants", "rate", "pitch", "domain", "noise", "snr_db", "reverb",
-                   "rt60", "gain_db", "train_utterances")
+_CONDITION_KEYS = (
+    "languages",
+    "voices",
+    "variants",
+    "rate",
+    "pitch",
+    "domain",
+    "noise",
+    "snr_db",
+    "reverb",
+    "rt60",
+    "gain_db",
+    "train_utterances",
+)
 
 DEFAULT_CONDITIONS = Conditions(
     languages=("en",),
@@ -232,12 +258,24 @@ def _parse_conditions(raw: Any, path: str, check: _Checker, allow_train: bool = 
         elif key == "voices":
             check.mapping(value, at, LANGUAGES)
             voices = espeak.available_voices()
-            out[key] = {lang: check.choices(names, f"{at}.{lang}", voices, lower=True, shown=", ".join(
-                sorted(v for v in voices if v.split("-")[0] == lang)) + " (espeak.available_voices() has all)")
-                for lang, names in value.items()}
+            out[key] = {
+                lang: check.choices(
+                    names,
+                    f"{at}.{lang}",
+                    voices,
+                    lower=True,
+                    shown=", ".join(sorted(v for v in voices if v.split("-")[0] == lang))
+                    + " (espeak.available_voices() has all)",
+                )
+                for lang, names in value.items()
+            }
         elif key == "variants":
-            out[key] = check.choices(value, at, espeak.available_variants(),
-                                     shown="e.g. m1..m8, f1..f5, klatt (espeak.available_variants() has all)")
+            out[key] = check.choices(
+                value,
+                at,
+                espeak.available_variants(),
+                shown="e.g. m1..m8, f1..f5, klatt (espeak.available_variants() has all)",
+            )
         elif key == "rate":
             out[key] = check.span(value, at, 80, 450, integer=True)
         elif key == "pitch":
@@ -273,6 +311,7 @@ def _merge(base: Conditions, override: dict) -> Conditions:
 
 # ---- loading -----------------------------------------------------------------------------------
 
+
 class _UniqueKeyLoader(yaml.SafeLoader):
     """SafeLoader that rejects a key written twice in one mapping (PyYAML keeps the last silently)."""
 
@@ -301,8 +340,10 @@ def scenario_path(path_or_name: str | Path) -> Path:
         return Path(path_or_name).expanduser()
     path = SCENARIO_DIR / f"{text}.yaml"
     if not path.is_file():
-        raise ScenarioError(f"no packaged scenario {text!r}; packaged: {', '.join(packaged_scenarios())}; "
-                            "or pass a path to a .yaml file")
+        raise ScenarioError(
+            f"no packaged scenario {text!r}; packaged: {', '.join(packaged_scenarios())}; "
+            "or pass a path to a .yaml file"
+        )
     return path
 
 
@@ -339,13 +380,22 @@ def parse_scenario(data: Any, source: str = "<memory>") -> Scenario:
         if site in sites[:i]:
             check.fail(f"sites[{i}]", "duplicate site name", site)
 
-    raw_foundation = check.mapping(data.get("foundation") or {}, "foundation",
-                                   ("train_utterances", "test_utterances", "conditions"))
+    raw_foundation = check.mapping(
+        data.get("foundation") or {}, "foundation", ("train_utterances", "test_utterances", "conditions")
+    )
     foundation = Foundation(
-        train_utterances=check.integer(raw_foundation.get("train_utterances", 0), "foundation.train_utterances", 0),
-        test_utterances=check.integer(raw_foundation.get("test_utterances", 0), "foundation.test_utterances", 0),
-        conditions=_merge(DEFAULT_CONDITIONS, _parse_conditions(raw_foundation.get("conditions"),
-                                                                "foundation.conditions", check, allow_train=False)),
+        train_utterances=check.integer(
+            raw_foundation.get("train_utterances", 0), "foundation.train_utterances", 0
+        ),
+        test_utterances=check.integer(
+            raw_foundation.get("test_utterances", 0), "foundation.test_utterances", 0
+        ),
+        conditions=_merge(
+            DEFAULT_CONDITIONS,
+            _parse_conditions(
+                raw_foundation.get("conditions"), "foundation.conditions", check, allow_train=False
+            ),
+        ),
     )
 
     raw_stages = data["stages"]
@@ -364,17 +414,29 @@ def parse_scenario(data: Any, source: str = "<memory>") -> Scenario:
         if stage_name in (s.name for s in stages):
             check.fail(f"{at}.name", "duplicate stage name", stage_name)
         test_utterances = check.integer(raw["test_utterances"], f"{at}.test_utterances", 0)
-        stage_conditions = _merge(DEFAULT_CONDITIONS,
-                                  _parse_conditions(raw.get("conditions"), f"{at}.conditions", check))
+        stage_conditions = _merge(
+            DEFAULT_CONDITIONS, _parse_conditions(raw.get("conditions"), f"{at}.conditions", check)
+        )
         overrides = raw.get("sites") or {}
         if not isinstance(overrides, dict):
             check.fail(f"{at}.sites", "must be a mapping of site name -> conditions", overrides)
         for site in overrides:
             if site not in sites:
                 check.fail(f"{at}.sites.{site}", "unknown site", site, ", ".join(sites))
-        resolved = {site: _merge(stage_conditions, _parse_conditions(overrides.get(site), f"{at}.sites.{site}", check))
-                    for site in sites}
+        resolved = {
+            site: _merge(
+                stage_conditions, _parse_conditions(overrides.get(site), f"{at}.sites.{site}", check)
+            )
+            for site in sites
+        }
         stages.append(Stage(name=stage_name, test_utterances=test_utterances, sites=resolved))
 
-    return Scenario(name=name, seed=seed, max_seconds=max_seconds, sites=tuple(sites), foundation=foundation,
-                    stages=tuple(stages), source=source)
+    return Scenario(
+        name=name,
+        seed=seed,
+        max_seconds=max_seconds,
+        sites=tuple(sites),
+        foundation=foundation,
+        stages=tuple(stages),
+        source=source,
+    )

@@ -41,7 +41,9 @@ class SiteStream:
     def enter(self, stage_index: int) -> list[Utterance]:
         """This site's train rows for stage `stage_index` (0-based); [] if it has none there."""
         if not 0 <= stage_index < len(self.stages):
-            raise StreamError(f"site {self.site!r}: stage index {stage_index} out of range 0..{len(self.stages) - 1}")
+            raise StreamError(
+                f"site {self.site!r}: stage index {stage_index} out of range 0..{len(self.stages) - 1}"
+            )
         if self.current is not None and stage_index < self.current:
             raise StreamError(
                 f"site {self.site!r} is at stage {self.current} ({self.stages[self.current]!r}) and cannot go back to "
@@ -103,10 +105,14 @@ class StageStream:
         for u in train:
             if u.site in self.sites:
                 self._train[(u.site, u.stage)].append(u)
-        self._test = {stage: [u for u in rows if u.split == "test" and u.stage == stage] for stage in self.stages}
+        self._test = {
+            stage: [u for u in rows if u.split == "test" and u.stage == stage] for stage in self.stages
+        }
         untested = [stage for stage, test in self._test.items() if not test]
         if untested:
-            raise StreamError(f"{source}: stage(s) {untested} have no test rows; every stage needs a test set")
+            raise StreamError(
+                f"{source}: stage(s) {untested} have no test rows; every stage needs a test set"
+            )
 
     def with_sites(self, sites: list[str]) -> "StageStream":
         """The same stream restricted to these sites (test sets unchanged)."""
@@ -119,7 +125,9 @@ class StageStream:
             return present
         stages = list(stages)
         if FOUNDATION in stages:
-            raise StreamError(f"{self.source}: {FOUNDATION!r} is pre-training data, not a stage of the stream")
+            raise StreamError(
+                f"{self.source}: {FOUNDATION!r} is pre-training data, not a stage of the stream"
+            )
         if len(set(stages)) != len(stages):
             raise StreamError(f"{self.source}: stages {stages} list a stage twice")
         unknown = [stage for stage in stages if stage not in present]
@@ -181,7 +189,11 @@ class StageStream:
 
     @classmethod
     def from_manifest(
-        cls, path: str | Path, stages: list[str] | None = None, sites: list[str] | None = None, **manifest_kwargs: Any
+        cls,
+        path: str | Path,
+        stages: list[str] | None = None,
+        sites: list[str] | None = None,
+        **manifest_kwargs: Any,
     ) -> "StageStream":
         """A stream from a user manifest; keyword arguments go to `load_manifest` (vocab, max_seconds, ...)."""
         utterances, summary = load_manifest(path, **manifest_kwargs)

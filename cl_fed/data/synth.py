@@ -71,9 +71,22 @@ def _jobs(scenario: Scenario) -> list[_Job]:
     jobs = []
 
     def add(stage: str, site: str, split: str, index: int, conditions: Conditions) -> None:
-        uid = f"{stage}-{site}-{split}-{index:05d}" if site and split == "train" else f"{stage}-{split}-{index:05d}"
-        jobs.append(_Job(uid, stage, site, split, utterance_seed(scenario.seed, stage, site, split, index),
-                         conditions, scenario.max_seconds))
+        uid = (
+            f"{stage}-{site}-{split}-{index:05d}"
+            if site and split == "train"
+            else f"{stage}-{split}-{index:05d}"
+        )
+        jobs.append(
+            _Job(
+                uid,
+                stage,
+                site,
+                split,
+                utterance_seed(scenario.seed, stage, site, split, index),
+                conditions,
+                scenario.max_seconds,
+            )
+        )
 
     foundation = scenario.foundation
     for split, count in (("train", foundation.train_utterances), ("test", foundation.test_utterances)):
@@ -120,17 +133,30 @@ def _render(job: _Job, out_dir: Path) -> dict:
         if 0 < wave.numel() <= job.max_seconds * SAMPLE_RATE:  # acoustics keep the length
             break
     else:
-        raise RuntimeError(f"utterance {job.id}: no draw in {_MAX_DRAWS} came out at most {job.max_seconds} s long; "
-                           "raise max_seconds or speak faster (rate)")
+        raise RuntimeError(
+            f"utterance {job.id}: no draw in {_MAX_DRAWS} came out at most {job.max_seconds} s long; "
+            "raise max_seconds or speak faster (rate)"
+        )
     wave = apply_site_acoustics(wave, SAMPLE_RATE, job.conditions, torch.Generator().manual_seed(job.seed))
     relative = f"audio/{job.id}.flac"
     sf.write(out_dir / relative, wave.numpy(), SAMPLE_RATE, subtype="PCM_16", format="FLAC")
-    return Utterance(id=job.id, audio=relative, text=text, site=job.site, stage=job.stage, split=job.split,
-                     speaker=speaker, language=language, seconds=round(wave.numel() / SAMPLE_RATE, 4)).to_dict()
+    return Utterance(
+        id=job.id,
+        audio=relative,
+        text=text,
+        site=job.site,
+        stage=job.stage,
+        split=job.split,
+        speaker=speaker,
+        language=language,
+        seconds=round(wave.numel() / SAMPLE_RATE, 4),
+    ).to_dict()
 
 
 def _init_worker() -> None:
-    torch.set_num_threads(1)  # one process per core; also keeps float results identical to the in-process path
+    torch.set_num_threads(
+        1
+    )  # one process per core; also keeps float results identical to the in-process path
 
 
 def plan_workers(num_utterances: int, workers: int | None = None) -> int:
@@ -147,7 +173,9 @@ def count_utterances(scenario: Scenario) -> int:
 
 
 def _render_all(jobs: list[_Job], out_dir: Path, workers: int, progress: bool) -> list[dict]:
-    bar = partial(tqdm, total=len(jobs), desc="synthesising", unit="utt", file=sys.stderr, disable=not progress)
+    bar = partial(
+        tqdm, total=len(jobs), desc="synthesising", unit="utt", file=sys.stderr, disable=not progress
+    )
     render = partial(_render, out_dir=out_dir)
     if workers <= 1 or multiprocessing.current_process().daemon:  # daemonic processes may not have children
         threads = torch.get_num_threads()
@@ -164,17 +192,26 @@ def _render_all(jobs: list[_Job], out_dir: Path, workers: int, progress: bool) -
 def _summary(scenario: Scenario, fingerprint: str, records: list[dict]) -> dict:
     counts: dict = {}
     for r in records:
-        cell = counts.setdefault(r["split"], {}).setdefault(r["stage"], {}).setdefault(r["site"], {"utterances": 0,
-                                                                                                   "seconds": 0.0})
+        cell = (
+            counts.setdefault(r["split"], {})
+            .setdefault(r["stage"], {})
+            .setdefault(r["site"], {"utterances": 0, "seconds": 0.0})
+        )
         cell["utterances"] += 1
         cell["seconds"] = round(cell["seconds"] + r["seconds"], 4)
-    return {"name": scenario.name, "fingerprint": fingerprint, "generator_version": GENERATOR_VERSION,
-            "espeak": espeak.engine_version(), "sample_rate": SAMPLE_RATE,
-            "stages": [s.name for s in scenario.stages], "sites": list(scenario.sites),
-            "total_utterances": len(records), "total_seconds": round(sum(r["seconds"] for r in records), 4),
-            "counts": counts, "scenario": scenario.to_dict()}
-
-
+    return {
+        "name": scenario.name,
+        "fingerprint": fingerprint,
+        "generator_version": GENERATOR_VERSION,
+        "espeak": espeak.engine_version(),
+        "sample_rate": SAMPLE_RATE,
+        "stages": [s.name for s in scenario.stages],
+        "sites": list(scenario.sites),
+        "total_utterances": len(records),
+        "total_seconds": round(sum(r["seconds"] for r in records), 4),
+        "counts": counts,
+        "scenario": scenario.to_dict(),
+    }
 
 
 def _existing(final: Path, fingerprint: str) -> bool:
@@ -182,15 +219,21 @@ def _existing(final: Path, fingerprint: str) -> bool:
     if not final.exists():
         return False
     if not summary.is_file():
-        raise RuntimeError(f"{final} exists but has no summary.json, so it is not a complete dataset; delete it")
+        raise RuntimeError(
+            f"{final} exists but has no summary.json, so it is not a complete dataset; delete it"
+        )
     found = json.loads(summary.read_text(encoding="utf-8")).get("fingerprint")
     if found != fingerprint:
         raise RuntimeError(f"{final} holds dataset {found}, not {fingerprint} (prefix collision); delete it")
     return True
 
 
-def generate(scenario: Scenario | str | Path, cache_dir: str | Path | None = None, workers: int | None = None,
-             progress: bool = True) -> Path:
+def generate(
+    scenario: Scenario | str | Path,
+    cache_dir: str | Path | None = None,
+    workers: int | None = None,
+    progress: bool = True,
+) -> Path:
     """Generate (or reuse) the scenario's dataset; returns its directory.
 
     `scenario` may also be a packaged name or a path. `workers` defaults to the usable cores,
@@ -236,9 +279,11 @@ def describe(dataset_dir: str | Path) -> str:
     columns = [FOUNDATION] + summary["stages"]
     rows = summary["sites"] + [""]
     width = max(14, *(len(c) + 2 for c in columns))
-    lines = [f"scenario {summary['name']}  fingerprint {summary['fingerprint'][:16]}  "
-             f"{summary['total_utterances']} utterances, {summary['total_seconds'] / 3600:.2f} h",
-             f"at {dataset_dir}"]
+    lines = [
+        f"scenario {summary['name']}  fingerprint {summary['fingerprint'][:16]}  "
+        f"{summary['total_utterances']} utterances, {summary['total_seconds'] / 3600:.2f} h",
+        f"at {dataset_dir}",
+    ]
     for split in ("train", "test"):
         table = summary["counts"].get(split, {})
         lines.append("")
@@ -254,13 +299,17 @@ def describe(dataset_dir: str | Path) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Generate a synthetic factory-speech scenario into the cache.")
+    parser = argparse.ArgumentParser(
+        description="Generate a synthetic factory-speech scenario into the cache."
+    )
     parser.add_argument("--scenario", default="default", help="packaged name (default, tiny) or a YAML path")
     parser.add_argument("--cache-dir", default=None, help="cache root (default: cl_fed.paths.cache_root())")
     parser.add_argument("--workers", type=int, default=None, help="worker processes (default: usable cores)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
-    path = generate(args.scenario, cache_dir=args.cache_dir, workers=args.workers, progress=not args.no_progress)
+    path = generate(
+        args.scenario, cache_dir=args.cache_dir, workers=args.workers, progress=not args.no_progress
+    )
     print(describe(path))
     print(f"\ndataset: {path}")
 

@@ -21,22 +21,31 @@ ALL_LANGUAGE_CODES = LANGUAGES + CODE_SWITCHED
 
 # ---- numbers -----------------------------------------------------------------------------------
 
-_EN_ONES = ("zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen "
-            "sixteen seventeen eighteen nineteen").split()
+_EN_ONES = (
+    "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen fifteen "
+    "sixteen seventeen eighteen nineteen"
+).split()
 _EN_TENS = "_ _ twenty thirty forty fifty sixty seventy eighty ninety".split()
 
-_DE_ONES = ("null eins zwei drei vier fünf sechs sieben acht neun zehn elf zwölf dreizehn vierzehn fünfzehn "
-            "sechzehn siebzehn achtzehn neunzehn").split()
+_DE_ONES = (
+    "null eins zwei drei vier fünf sechs sieben acht neun zehn elf zwölf dreizehn vierzehn fünfzehn "
+    "sechzehn siebzehn achtzehn neunzehn"
+).split()
 _DE_TENS = "_ _ zwanzig dreißig vierzig fünfzig sechzig siebzig achtzig neunzig".split()
 
-_ES_ONES = ("cero uno dos tres cuatro cinco seis siete ocho nueve diez once doce trece catorce quince dieciséis "
-            "diecisiete dieciocho diecinueve veinte veintiuno veintidós veintitrés veinticuatro veinticinco "
-            "veintiséis veintisiete veintiocho veintinueve").split()
+_ES_ONES = (
+    "cero uno dos tres cuatro cinco seis siete ocho nueve diez once doce trece catorce quince dieciséis "
+    "diecisiete dieciocho diecinueve veinte veintiuno veintidós veintitrés veinticuatro veinticinco "
+    "veintiséis veintisiete veintiocho veintinueve"
+).split()
 _ES_TENS = "_ _ _ treinta cuarenta cincuenta sesenta setenta ochenta noventa".split()
-_ES_HUNDREDS = ("_ ciento doscientos trescientos cuatrocientos quinientos seiscientos setecientos ochocientos "
-                "novecientos").split()
+_ES_HUNDREDS = (
+    "_ ciento doscientos trescientos cuatrocientos quinientos seiscientos setecientos ochocientos novecientos"
+).split()
 
-_FR_ONES = "zéro un deux trois quatre cinq six sept huit neuf dix onze douze treize quatorze quinze seize".split()
+_FR_ONES = (
+    "zéro un deux trois quatre cinq six sept huit neuf dix onze douze treize quatorze quinze seize".split()
+)
 _FR_TENS = "_ _ vingt trente quarante cinquante soixante".split()
 
 
@@ -164,6 +173,7 @@ def count_words(n: int, lang: str, gender: str) -> str:
 # One concept per row, aligned over languages: English (singular, plural), then for de/es/fr
 # (singular, plural, gender). Code-switched speech uses the English name with the matrix gender.
 
+
 def _concepts(rows: str) -> list[dict]:
     out = []
     for line in rows.strip().splitlines():
@@ -256,63 +266,125 @@ DOMAINS = tuple(VOCABULARY)
 
 TEMPLATES = {
     "en": (
-        "start {M}", "stop {M} on line {LINE}", "please restart {M}", "move {N} {P} to station {LINE}",
+        "start {M}",
+        "stop {M} on line {LINE}",
+        "please restart {M}",
+        "move {N} {P} to station {LINE}",
         "set {M} to {PCT} percent",
-        "{M} is running at {PCT} percent", "{M} on line {LINE} is ready", "{M} has finished a batch of {N} {P}",
-        "we need {N} more {P}", "{N} {P} are missing at station {LINE}", "counted {N} {P} in bin {LINE}",
-        "warning {M} is overheating", "alarm error code {CODE} {M_at}", "emergency stop on line {LINE}",
+        "{M} is running at {PCT} percent",
+        "{M} on line {LINE} is ready",
+        "{M} has finished a batch of {N} {P}",
+        "we need {N} more {P}",
+        "{N} {P} are missing at station {LINE}",
+        "counted {N} {P} in bin {LINE}",
+        "warning {M} is overheating",
+        "alarm error code {CODE} {M_at}",
+        "emergency stop on line {LINE}",
         "{M} reports fault {CODE}",
-        "the temperature {M_of} is {TEMP} degrees", "the pressure {M_at} is {BAR} bar",
-        "the gap is {MM} millimetres", "the cycle time {M_of} is {SEC} seconds",
+        "the temperature {M_of} is {TEMP} degrees",
+        "the pressure {M_at} is {BAR} bar",
+        "the gap is {MM} millimetres",
+        "the cycle time {M_of} is {SEC} seconds",
     ),
     "de": (
-        "starte {M_acc}", "stopp {M_acc} an linie {LINE}", "bitte {M_acc} neu starten",
-        "bring {N} {P} zu station {LINE}", "stell {M_acc} auf {PCT} prozent",
-        "{M} läuft mit {PCT} prozent", "{M} an linie {LINE} ist bereit", "{M} hat {N} {P} fertig",
-        "wir brauchen noch {N} {P}", "an station {LINE} fehlen {N} {P}", "in kiste {LINE} liegen {N} {P}",
-        "achtung {M} ist überhitzt", "alarm fehlercode {CODE} {M_at}", "notaus an linie {LINE}",
+        "starte {M_acc}",
+        "stopp {M_acc} an linie {LINE}",
+        "bitte {M_acc} neu starten",
+        "bring {N} {P} zu station {LINE}",
+        "stell {M_acc} auf {PCT} prozent",
+        "{M} läuft mit {PCT} prozent",
+        "{M} an linie {LINE} ist bereit",
+        "{M} hat {N} {P} fertig",
+        "wir brauchen noch {N} {P}",
+        "an station {LINE} fehlen {N} {P}",
+        "in kiste {LINE} liegen {N} {P}",
+        "achtung {M} ist überhitzt",
+        "alarm fehlercode {CODE} {M_at}",
+        "notaus an linie {LINE}",
         "störung {CODE} {M_at}",
-        "die temperatur {M_at} liegt bei {TEMP} grad", "der druck {M_at} beträgt {BAR} bar",
-        "der spalt ist {MM} millimeter", "die taktzeit {M_of} beträgt {SEC} sekunden",
+        "die temperatur {M_at} liegt bei {TEMP} grad",
+        "der druck {M_at} beträgt {BAR} bar",
+        "der spalt ist {MM} millimeter",
+        "die taktzeit {M_of} beträgt {SEC} sekunden",
     ),
     "es": (
-        "arranca {M}", "para {M} en la línea {LINE}", "por favor reinicia {M}", "lleva {N} {P} a la estación {LINE}",
+        "arranca {M}",
+        "para {M} en la línea {LINE}",
+        "por favor reinicia {M}",
+        "lleva {N} {P} a la estación {LINE}",
         "pon {M} al {PCT} por ciento",
-        "{M} funciona al {PCT} por ciento", "{M} de la línea {LINE} ya está en marcha",
+        "{M} funciona al {PCT} por ciento",
+        "{M} de la línea {LINE} ya está en marcha",
         "{M} terminó un lote de {N} {P}",
-        "necesitamos {N} {P} más", "faltan {N} {P} en la estación {LINE}", "hay {N} {P} en el contenedor {LINE}",
-        "atención {M} se está sobrecalentando", "alarma código de error {CODE} {M_at}",
-        "parada de emergencia en la línea {LINE}", "fallo {CODE} {M_of}",
-        "la temperatura {M_of} es de {TEMP} grados", "la presión {M_of} es de {BAR} bares",
-        "la separación es de {MM} milímetros", "el tiempo de ciclo {M_of} es de {SEC} segundos",
+        "necesitamos {N} {P} más",
+        "faltan {N} {P} en la estación {LINE}",
+        "hay {N} {P} en el contenedor {LINE}",
+        "atención {M} se está sobrecalentando",
+        "alarma código de error {CODE} {M_at}",
+        "parada de emergencia en la línea {LINE}",
+        "fallo {CODE} {M_of}",
+        "la temperatura {M_of} es de {TEMP} grados",
+        "la presión {M_of} es de {BAR} bares",
+        "la separación es de {MM} milímetros",
+        "el tiempo de ciclo {M_of} es de {SEC} segundos",
     ),
     "fr": (
-        "démarre {M}", "arrête {M} sur la ligne {LINE}", "redémarre {M} s'il te plaît",
-        "amène {N} {P} au poste {LINE}", "règle {M} à {PCT} pour cent",
-        "{M} tourne à {PCT} pour cent", "{M} de la ligne {LINE} est en marche", "{M} a terminé un lot de {N} {P}",
-        "il nous faut encore {N} {P}", "il manque {N} {P} au poste {LINE}", "il y a {N} {P} dans le bac {LINE}",
-        "attention {M} surchauffe", "alarme code d'erreur {CODE} {M_at}", "arrêt d'urgence sur la ligne {LINE}",
+        "démarre {M}",
+        "arrête {M} sur la ligne {LINE}",
+        "redémarre {M} s'il te plaît",
+        "amène {N} {P} au poste {LINE}",
+        "règle {M} à {PCT} pour cent",
+        "{M} tourne à {PCT} pour cent",
+        "{M} de la ligne {LINE} est en marche",
+        "{M} a terminé un lot de {N} {P}",
+        "il nous faut encore {N} {P}",
+        "il manque {N} {P} au poste {LINE}",
+        "il y a {N} {P} dans le bac {LINE}",
+        "attention {M} surchauffe",
+        "alarme code d'erreur {CODE} {M_at}",
+        "arrêt d'urgence sur la ligne {LINE}",
         "défaut {CODE} {M_of}",
-        "la température {M_of} est de {TEMP} degrés", "la pression {M_at} est de {BAR} bars",
-        "l'écart est de {MM} millimètres", "le temps de cycle {M_of} est de {SEC} secondes",
+        "la température {M_of} est de {TEMP} degrés",
+        "la pression {M_at} est de {BAR} bars",
+        "l'écart est de {MM} millimètres",
+        "le temps de cycle {M_of} est de {SEC} secondes",
     ),
 }
 
 # (low, high, gender of the unit noun for agreement) of each number slot
-_NUMBER_SLOTS = {"LINE": (1, 12, "f"), "PCT": (5, 100, "m"), "TEMP": (20, 400, "m"), "BAR": (2, 12, "m"),
-                 "MM": (2, 999, "m"), "SEC": (2, 90, "m"), "CODE": (100, 9999, "m")}
+_NUMBER_SLOTS = {
+    "LINE": (1, 12, "f"),
+    "PCT": (5, 100, "m"),
+    "TEMP": (20, 400, "m"),
+    "BAR": (2, 12, "m"),
+    "MM": (2, 999, "m"),
+    "SEC": (2, 90, "m"),
+    "CODE": (100, 9999, "m"),
+}
 _COUNT_RANGE = (2, 500)  # counts start at 2 so part names are always plural
 _SLOT = re.compile(r"\{(\w+)\}")
 
 # Definite articles: (case) -> gender -> article; None = no article form (English uses "the").
 _ARTICLES = {
     "en": {"M": "the", "M_acc": "the", "M_of": "of the", "M_at": "at the"},
-    "de": {"M": {"m": "der", "f": "die", "n": "das"}, "M_acc": {"m": "den", "f": "die", "n": "das"},
-           "M_of": {"m": "vom", "f": "von der", "n": "vom"}, "M_at": {"m": "am", "f": "an der", "n": "am"}},
-    "es": {"M": {"m": "el", "f": "la"}, "M_acc": {"m": "el", "f": "la"},
-           "M_of": {"m": "del", "f": "de la"}, "M_at": {"m": "en el", "f": "en la"}},
-    "fr": {"M": {"m": "le", "f": "la"}, "M_acc": {"m": "le", "f": "la"},
-           "M_of": {"m": "du", "f": "de la"}, "M_at": {"m": "sur le", "f": "sur la"}},
+    "de": {
+        "M": {"m": "der", "f": "die", "n": "das"},
+        "M_acc": {"m": "den", "f": "die", "n": "das"},
+        "M_of": {"m": "vom", "f": "von der", "n": "vom"},
+        "M_at": {"m": "am", "f": "an der", "n": "am"},
+    },
+    "es": {
+        "M": {"m": "el", "f": "la"},
+        "M_acc": {"m": "el", "f": "la"},
+        "M_of": {"m": "del", "f": "de la"},
+        "M_at": {"m": "en el", "f": "en la"},
+    },
+    "fr": {
+        "M": {"m": "le", "f": "la"},
+        "M_acc": {"m": "le", "f": "la"},
+        "M_of": {"m": "du", "f": "de la"},
+        "M_at": {"m": "sur le", "f": "sur la"},
+    },
 }
 _NOUN_SLOTS = ("M", "M_acc", "M_of", "M_at", "P")
 _FR_ELIDED = {"M": "l'", "M_acc": "l'", "M_of": "de l'", "M_at": "sur l'"}
@@ -348,7 +420,9 @@ def _merge(parts: list[tuple[str, str]]) -> list[tuple[str, str]]:
 def make_utterance(rng: random.Random, language: str, domain: str) -> list[tuple[str, str]]:
     """One utterance as (language, text) segments; a monolingual utterance is one segment."""
     if language not in ALL_LANGUAGE_CODES:
-        raise ValueError(f"make_utterance: language {language!r} is not one of {', '.join(ALL_LANGUAGE_CODES)}")
+        raise ValueError(
+            f"make_utterance: language {language!r} is not one of {', '.join(ALL_LANGUAGE_CODES)}"
+        )
     if domain not in VOCABULARY:
         raise ValueError(f"make_utterance: domain {domain!r} is not one of {', '.join(DOMAINS)}")
     matrix = language.split("-")[0]
@@ -364,7 +438,7 @@ def make_utterance(rng: random.Random, language: str, domain: str) -> list[tuple
     parts: list[tuple[str, str]] = []
     pos = 0
     for match in _SLOT.finditer(template):
-        parts.append((matrix, template[pos:match.start()]))
+        parts.append((matrix, template[pos : match.start()]))
         slot = match.group(1)
         if slot in _ARTICLES[matrix]:
             parts.extend(_machine(matrix, slot, machine, switched))
@@ -375,8 +449,14 @@ def make_utterance(rng: random.Random, language: str, domain: str) -> list[tuple
         else:
             low, high, gender = _NUMBER_SLOTS[slot]
             value = rng.randint(low, high)
-            parts.append((matrix, number_to_words(value, matrix) if slot in ("LINE", "CODE")
-                          else count_words(value, matrix, gender)))
+            parts.append(
+                (
+                    matrix,
+                    number_to_words(value, matrix)
+                    if slot in ("LINE", "CODE")
+                    else count_words(value, matrix, gender),
+                )
+            )
         pos = match.end()
     parts.append((matrix, template[pos:]))
     return _merge(parts)

@@ -113,7 +113,7 @@ class SpeechModel:
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
-    def to(self, device: str | torch.device) -> "SpeechModel":
+    def to(self, device: str | torch.device) -> SpeechModel:
         self.model.to(device)
         return self
 

@@ -25,8 +25,8 @@ from cl_fed.data.manifest import load_manifest
 from cl_fed.data.scenario import FOUNDATION, Scenario, load_scenario
 from cl_fed.data.synth import generate
 from cl_fed.evaluate import evaluate
-from cl_fed.models.tiny import ENCODER_CONFIG, FEATURE_CONFIG, NAME, build_tiny
 from cl_fed.io import file_lock
+from cl_fed.models.tiny import ENCODER_CONFIG, FEATURE_CONFIG, NAME, build_tiny
 from cl_fed.paths import cache_root
 from cl_fed.train import FeatureCache, TrainConfig, train_local
 
@@ -35,8 +35,14 @@ INFO_FILE = "foundation.json"
 # Tuned on the default scenario (2,000 foundation utterances, ~1.7 h): see foundation.json for the
 # CER it reached. Cosine decay anneals to a sharper optimum than inverse-sqrt in a fixed budget.
 FOUNDATION_TRAIN = TrainConfig(
-    epochs=3, batch_size=16, lr=2e-3, warmup_steps=150, schedule="cosine", weight_decay=0.01,
-    grad_clip=1.0, spec_augment=True,
+    epochs=3,
+    batch_size=16,
+    lr=2e-3,
+    warmup_steps=150,
+    schedule="cosine",
+    weight_decay=0.01,
+    grad_clip=1.0,
+    spec_augment=True,
 )
 
 
@@ -106,7 +112,7 @@ def _train(scenario: Scenario, dataset: Path, config: TrainConfig, seed: int, ou
     result = train_local(speech, train, config, cache=cache)
     scores = evaluate(speech, test, cache=cache)
     speech.save(out)
-    tail = result.step_losses[-max(1, min(20, result.steps // 10)):] or [float("nan")]
+    tail = result.step_losses[-max(1, min(20, result.steps // 10)) :] or [float("nan")]
     return {
         "model": NAME,
         "scenario": scenario.name,
@@ -126,5 +132,3 @@ def _train(scenario: Scenario, dataset: Path, config: TrainConfig, seed: int, ou
         "wall_seconds": round(time.perf_counter() - start, 1),
         "torch_threads": torch.get_num_threads(),
     }
-
-

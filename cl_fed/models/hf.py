@@ -69,7 +69,9 @@ class HFCTCModel(SpeechModel):
         )
         batch = dict(inputs)
         if augment and "input_features" in batch:
-            batch["input_features"] = _augment_rows(batch["input_features"], batch.get("attention_mask"), generator)
+            batch["input_features"] = _augment_rows(
+                batch["input_features"], batch.get("attention_mask"), generator
+            )
         if texts is not None:
             targets = [t.upper() if self.uppercase_targets else t for t in texts]
             ids = self.tokenizer(targets, add_special_tokens=False)["input_ids"]
@@ -197,7 +199,9 @@ def _augment_rows(features: torch.Tensor, mask: torch.Tensor | None, generator) 
 
 def load_hf_ctc(name_or_path: str | os.PathLike, *, local_files_only: bool) -> HFCTCModel:
     processor = AutoProcessor.from_pretrained(name_or_path, local_files_only=local_files_only)
-    model = AutoModelForCTC.from_pretrained(name_or_path, local_files_only=local_files_only, dtype=torch.float32)
+    model = AutoModelForCTC.from_pretrained(
+        name_or_path, local_files_only=local_files_only, dtype=torch.float32
+    )
     return HFCTCModel(model.eval(), processor, name=str(name_or_path))
 
 

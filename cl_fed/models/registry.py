@@ -50,11 +50,15 @@ def build_model(
         return _load_directory(path, language=language, task=task)
     looks_like_path = name.startswith((".", "/", "~")) or name.count("/") > 1  # hub ids are "org/name"
     if path.exists() or looks_like_path:
-        raise ModelNotFoundError(f"model {name!r}: no such model directory (embedded models: {EMBEDDED_MODELS})")
+        raise ModelNotFoundError(
+            f"model {name!r}: no such model directory (embedded models: {EMBEDDED_MODELS})"
+        )
     return _load_hub(name, language=language, task=task, allow_download=allow_download)
 
 
-def load_model(directory: str | os.PathLike, *, language: str | None = None, task: str | None = None) -> SpeechModel:
+def load_model(
+    directory: str | os.PathLike, *, language: str | None = None, task: str | None = None
+) -> SpeechModel:
     """A SpeechModel from a directory written by `SpeechModel.save` (or any save_pretrained)."""
     path = Path(directory).expanduser()
     if not path.is_dir():
@@ -87,7 +91,9 @@ def _load_hub(name: str, *, language: str | None, task: str, allow_download: boo
         config = AutoConfig.from_pretrained(name, local_files_only=not allow_download)
     except OSError as error:
         if allow_download:
-            raise ModelNotFoundError(f"model {name!r}: cannot load from the Hugging Face hub ({error})") from error
+            raise ModelNotFoundError(
+                f"model {name!r}: cannot load from the Hugging Face hub ({error})"
+            ) from error
         raise ModelNotFoundError(
             f"model {name!r} is neither an embedded model {EMBEDDED_MODELS}, a local directory, nor in the "
             "local Hugging Face cache; pass a local path or allow the download (allow_download=True)"

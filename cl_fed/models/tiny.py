@@ -88,11 +88,15 @@ class TinyFastConformer(SpeechModel):
         was_training = self.model.training
         self.model.eval()
         try:
-            logits = self.model(input_features=batch["input_features"], attention_mask=batch["attention_mask"]).logits
+            logits = self.model(
+                input_features=batch["input_features"], attention_mask=batch["attention_mask"]
+            ).logits
         finally:
             self.model.train(was_training)
         ids = logits.argmax(dim=-1)
-        valid = unwrap(self.model)._get_output_attention_mask(batch["attention_mask"], target_length=ids.shape[1])
+        valid = unwrap(self.model)._get_output_attention_mask(
+            batch["attention_mask"], target_length=ids.shape[1]
+        )
         return [normalize_text(self.vocab.decode_ctc(row[mask])) for row, mask in zip(ids, valid)]
 
     def _save_extra(self, directory: Path) -> None:

@@ -68,10 +68,12 @@ class CharVocab:
 
     def save(self, directory: str | os.PathLike) -> None:
         path = Path(directory) / VOCAB_FILE
-        path.write_text(json.dumps({"blank": BLANK, "tokens": self.tokens}, ensure_ascii=False, indent=1) + "\n")
+        path.write_text(
+            json.dumps({"blank": BLANK, "tokens": self.tokens}, ensure_ascii=False, indent=1) + "\n"
+        )
 
     @classmethod
-    def load(cls, directory: str | os.PathLike) -> "CharVocab":
+    def load(cls, directory: str | os.PathLike) -> CharVocab:
         path = Path(directory) / VOCAB_FILE
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
@@ -79,5 +81,7 @@ class CharVocab:
         except (OSError, ValueError, KeyError) as error:
             raise VocabError(f"{path}: cannot read vocabulary ({error})") from error
         if not tokens or tokens[0] != BLANK or any(len(t) != 1 for t in tokens[1:]):
-            raise VocabError(f"{path}: 'tokens' must be {BLANK!r} followed by single characters, got {tokens[:5]}...")
+            raise VocabError(
+                f"{path}: 'tokens' must be {BLANK!r} followed by single characters, got {tokens[:5]}..."
+            )
         return cls("".join(tokens[1:]))
