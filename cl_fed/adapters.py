@@ -73,23 +73,31 @@ def _check_linear_only(peft_model: peft.PeftModel, adapter_name: str) -> None:
             raise ValueError(f"LoRA target {path!r} is a {kind}; only nn.Linear is supported")
 
 
-def reset_adapters(peft_model: peft.PeftModel, seed: int, adapter_name: str = DEFAULT_ADAPTER) -> None:
-    """Fresh adapter after a merge: A ~ peft's kaiming-uniform init, B = 0, so model == base.
+def fresh_factors(shapes: dict[str, tuple[int, ...]], seed: int) -> dict[str, torch.Tensor]:
+    """A fresh adapter for `shapes` ({"<path>.lora_A" / ".lora_B": shape}): A ~ peft's kaiming-uniform
+    init, B = 0 (so model == base). Pure: the server draws the very adapter a site's
+    `reset_adapters(seed)` does. A is drawn on CPU from a generator seeded by (seed, module path):
+    the same on every device, and a module's init depends neither on the other targeted modules
+    nor on the global RNG."""
+    out = {}
+    for key, shape in sorted(shapes.items()):
+        path, _, factor = key.rpartition(".")
+        tensor = torch.zeros(tuple(shape), dtype=torch.float32)
+        if factor == "lora_A":
+            module_seed = (seed * 1_000_003 + zlib.crc32(path.encode())) % 2**63
+            generator = torch.Generator().manual_seed(module_seed)
+            nn.init.kaiming_uniform_(tensor, a=math.sqrt(5), generator=generator)  # peft's law for A
+        out[key] = tensor
+    return out
 
-    A is drawn on CPU from a generator seeded by (seed, module path): the same on every device,
-    and a module's init depends neither on the other targeted modules nor on the global RNG.
-    """
-    for path, layer in _lora_layers(peft_model, adapter_name).items():
-        a_weight = layer.lora_A[adapter_name].weight
-        b_weight = layer.lora_B[adapter_name].weight
-        module_seed = (seed * 1_000_003 + zlib.crc32(path.encode())) % 2**63
-        generator = torch.Generator().manual_seed(module_seed)
-        fresh_a = torch.empty(a_weight.shape, dtype=torch.float32)
-        # the same law as peft's default init for A
-        nn.init.kaiming_uniform_(fresh_a, a=math.sqrt(5), generator=generator)
-        with torch.no_grad():
-            a_weight.copy_(fresh_a)
-            b_weight.zero_()
+
+def adapter_shapes(peft_model: peft.PeftModel, adapter_name: str = DEFAULT_ADAPTER) -> dict[str, tuple]:
+    return {k: tuple(v.shape) for k, v in adapter_state(peft_model, adapter_name).items()}
+
+
+def reset_adapters(peft_model: peft.PeftModel, seed: int, adapter_name: str = DEFAULT_ADAPTER) -> None:
+    """Fresh adapter (`fresh_factors`) written into the model."""
+    load_adapter_state(peft_model, fresh_factors(adapter_shapes(peft_model, adapter_name), seed), adapter_name)
 
 
 def attach_lora(model: nn.Module, spec: LoraSpec, seed: int) -> peft.PeftModel:

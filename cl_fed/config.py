@@ -29,8 +29,15 @@ DEFAULTS: dict[str, object] = {
     "rounds-per-stage": 2,
     "local-epochs": 1,
     "batch-size": 16,
-    "lr": 2e-3,  # LoRA learning rate
+    "lr": 2e-3,  # LoRA learning rate (peak)
     "full-lr": 5e-4,  # full fine-tuning learning rate (fedavg)
+    # local optimisation (cl_fed/train.py): AdamW, warm-up then decay, one schedule per lr-span
+    "lr-schedule": "inverse_sqrt",  # inverse_sqrt (the paper's) | cosine | linear | constant
+    "lr-span": "stage",  # stage: one schedule over a stage's rounds | round: a new schedule every round
+    "warmup": 0.1,  # warm-up as a fraction of the span's optimizer steps
+    "weight-decay": 0.01,
+    "grad-clip": 1.0,  # max global gradient norm (0 = off)
+    "spec-augment": True,
     "lora-rank": 0,  # 0 = the model family's default (tiny: 8; Whisper: 32, as in the paper)
     "lora-alpha": 0.0,  # 0 = the model family's default (tiny: 16; Whisper: 64)
     "lora-dropout": -1.0,  # < 0 = the model family's default (0.05)
@@ -38,7 +45,10 @@ DEFAULTS: dict[str, object] = {
     "max-update-norm": 1000.0,  # reject an adapter factor whose Frobenius norm exceeds this
     "evaluation": "server",  # server | federated
     "round-timeout": 900,  # seconds a round waits for client replies
-    "fraction-train": 1.0,
+    "fraction-train": 1.0,  # share of the sites sampled each round (seeded by seed and round)
+    # a Flower server optimiser on the aggregated LoRA update (flwr.serverapp.strategy)
+    "server-optimizer": "none",  # none | fedadam | fedyogi | fedadagrad
+    "server-lr": 1e-3,  # the server optimiser's step size (Flower's eta)
     "seed": 0,
     "output-dir": "",  # "" = the project's runs/ directory
     "run-name": "",  # "" = derived from scenario, strategy, schedule and seed
@@ -55,10 +65,14 @@ DEFAULTS: dict[str, object] = {
 # Knobs a strategy does not use (see RunConfig.effective).
 IGNORED_BY = {
     "centralization": ("full-lr",),
-    "local": ("full-lr",),
+    "local": ("full-lr", "server-optimizer", "server-lr"),
     "fedavg-lora": ("full-lr", "merge", "centralize-every"),
-    "fedavg": ("lr", "merge", "centralize-every", "lora-rank", "lora-alpha", "lora-dropout"),
+    "fedavg": ("lr", "merge", "centralize-every", "lora-rank", "lora-alpha", "lora-dropout",
+               "server-optimizer", "server-lr"),
 }
+LR_SCHEDULES = ("inverse_sqrt", "cosine", "linear", "constant")
+LR_SPANS = ("stage", "round")
+SERVER_OPTIMIZERS = ("none", "fedadam", "fedyogi", "fedadagrad")
 SCHEDULED_STRATEGIES = ("centralization", "local")
 NAMED_ELSEWHERE = ("scenario", "strategy", "merge", "centralize-every", "seed")
 NOT_IN_NAME = ("allow-download", "round-timeout", "output-dir", "run-name", "resume")  # do not change results
@@ -85,6 +99,12 @@ class RunConfig:
     batch_size: int
     lr: float
     full_lr: float
+    lr_schedule: str
+    lr_span: str
+    warmup: float
+    weight_decay: float
+    grad_clip: float
+    spec_augment: bool
     lora_rank: int
     lora_alpha: float
     lora_dropout: float
@@ -93,6 +113,8 @@ class RunConfig:
     evaluation: str
     round_timeout: int
     fraction_train: float
+    server_optimizer: str
+    server_lr: float
     seed: int
     output_dir: str
     run_name: str
@@ -126,6 +148,8 @@ class RunConfig:
         schedule or LoRA; fedavg-lora never merges; LoRA strategies have no full-lr), so that
         configurations that train the same way compare (and deduplicate) as equal."""
         ignored = IGNORED_BY[self.strategy] + (() if self.dp_noise else ("dp-clip", "dp-delta"))  # DP off
+        if self.server_optimizer == "none":
+            ignored += ("server-lr",)
         return replace(self, **{key.replace("-", "_"): DEFAULTS[key] for key in ignored})
 
     def to_dict(self) -> dict:
@@ -182,6 +206,23 @@ def make_config(overrides: dict | None = None, *, source: str = "run config") ->
     for key in ("lora-rank", "lora-alpha"):
         if values[key] < 0:
             raise ValueError(f"{source}: {key}={values[key]!r} must be >= 1 (or 0 for the model's default)")
+    for key, allowed in (("lr-schedule", LR_SCHEDULES), ("lr-span", LR_SPANS),
+                         ("server-optimizer", SERVER_OPTIMIZERS)):
+        if values[key] not in allowed:
+            raise ValueError(f"{source}: {key}={values[key]!r}; choose one of {', '.join(allowed)}")
+    if not 0.0 <= cfg.warmup < 1.0:
+        raise ValueError(f"{source}: warmup={cfg.warmup!r} is a fraction of the schedule's steps, in [0, 1)")
+    for key in ("weight-decay", "grad-clip"):
+        if not values[key] >= 0:
+            raise ValueError(f"{source}: {key}={values[key]!r} must be >= 0")
+    if not cfg.server_lr > 0:
+        raise ValueError(f"{source}: server-lr={cfg.server_lr!r} must be > 0")
+    if cfg.server_optimizer != "none" and cfg.strategy not in ("centralization", "fedavg-lora"):
+        raise ValueError(f"{source}: server-optimizer={cfg.server_optimizer!r} acts on the aggregated LoRA "
+                         f"update; strategy={cfg.strategy!r} has none (use centralization or fedavg-lora)")
+    if cfg.server_optimizer != "none" and cfg.dp_noise:
+        raise ValueError(f"{source}: server-optimizer={cfg.server_optimizer!r} with dp-noise: the optimiser "
+                         "would act on the noised mean outside the accountant's view; use one of them")
     if not 0.0 < cfg.fraction_train <= 1.0:
         raise ValueError(f"{source}: fraction-train={cfg.fraction_train!r} must be in (0, 1]")
     check_privacy(cfg, source)

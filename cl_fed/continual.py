@@ -14,7 +14,14 @@ from pathlib import Path
 
 import torch
 
-from cl_fed.adapters import LoraSpec
+from cl_fed.adapters import (
+    LoraSpec,
+    adapter_shapes,
+    adapter_state,
+    fresh_factors,
+    load_adapter_state,
+    load_base_state,
+)
 from cl_fed.config import RunConfig
 from cl_fed.data.scenario import Scenario, load_scenario
 from cl_fed.data.stream import StageStream
@@ -25,7 +32,8 @@ from cl_fed.models.base import SpeechModel
 from cl_fed.models.registry import build_model, load_model
 from cl_fed.models.tiny import NAME as TINY_NAME
 from cl_fed.results import Evaluation
-from cl_fed.train import TrainConfig
+from cl_fed.plan import Train
+from cl_fed.train import TrainConfig, TrainResult, steps_per_call, train_local
 
 MANIFEST_SUFFIXES = (".jsonl", ".json", ".csv")
 
@@ -82,22 +90,63 @@ def lora_spec(cfg: RunConfig, speech: SpeechModel) -> LoraSpec:
     )
 
 
-def train_config(cfg: RunConfig, *, full: bool, seed: int, progress: bool = False) -> TrainConfig:
-    """Local training for one round: LoRA factors, or all weights for the fedavg baseline."""
+def train_config(cfg: RunConfig, step: Train, num_utterances: int, progress: bool = False) -> TrainConfig:
+    """Local training for one Train step: LoRA factors, or all weights for the fedavg baseline.
+
+    The LR schedule spans `lr-span`: with "stage" a round trains steps [i * n, (i + 1) * n) of one
+    schedule over the stage's rounds (n = the round's optimizer steps), so warm-up happens once per
+    stage; the optimizer's moments still restart every round, as in FedAvg's local training."""
+    per_round = steps_per_call(num_utterances, cfg.local_epochs, cfg.batch_size)
     return TrainConfig(
         epochs=cfg.local_epochs,
         batch_size=cfg.batch_size,
-        lr=cfg.full_lr if full else cfg.lr,
-        warmup_steps=5,
-        schedule="inverse_sqrt",
-        seed=seed,
+        lr=cfg.full_lr if step.start == "full" else cfg.lr,
+        schedule=cfg.lr_schedule,
+        warmup=cfg.warmup,
+        span_steps=per_round * step.span_rounds,
+        span_offset=per_round * step.span_index,
+        weight_decay=cfg.weight_decay,
+        grad_clip=cfg.grad_clip,
+        spec_augment=cfg.spec_augment,
+        seed=step.seed,
         progress=progress,
     )
 
 
-def round_seed(cfg: RunConfig, stage: int, round_index: int) -> int:
-    """One seed per (run seed, stage, round): every site starts the round's adapter identically."""
-    return cfg.seed * 1_000_003 + stage * 1_009 + round_index
+def train_round(
+    speech: SpeechModel,
+    data: list[Utterance],
+    cfg: RunConfig,
+    step: Train,
+    weights: dict[str, torch.Tensor],
+    adapter: dict[str, torch.Tensor] | None,
+    progress: bool = False,
+) -> tuple[dict[str, torch.Tensor], TrainResult]:
+    """One site's Train step: load the weights (and the adapter it starts from), train, return the
+    update it sends (LoRA factors, or every weight for full fine-tuning) and the training figures."""
+    if not data:
+        raise ValueError(f"no training data in stage {step.stage}")
+    if step.start == "full":
+        speech.model.load_state_dict(weights)
+    else:
+        load_base_state(speech.model, weights)
+        load_adapter_state(speech.model, adapter if adapter is not None else
+                           fresh_factors(adapter_shapes(speech.model), step.seed))
+    result = train_local(speech, data, train_config(cfg, step, len(data), progress=progress))
+    if step.start == "full":
+        update = {k: v.detach().to("cpu").clone() for k, v in speech.model.state_dict().items()}
+    else:
+        update = adapter_state(speech.model)
+    return update, result
+
+
+def start_adapter(step: Train, state_adapter: dict | None, shapes: dict) -> dict[str, torch.Tensor] | None:
+    """What a Train step starts from: a fresh adapter drawn from its seed, or the aggregate."""
+    if step.start == "full":
+        return None
+    if step.start == "fresh" or state_adapter is None:
+        return fresh_factors(shapes, step.seed)
+    return state_adapter
 
 
 def state_checksum(state: dict[str, torch.Tensor]) -> str:
@@ -117,6 +166,14 @@ def test_sets(stream: StageStream) -> dict[str, list[Utterance]]:
     if foundation:
         sets["foundation"] = foundation
     return sets
+
+
+def evaluate_weights(
+    speech: SpeechModel, weights: dict[str, torch.Tensor], sets: dict[str, list[Utterance]], label: str
+) -> Evaluation:
+    """Load `weights` into the plain (un-adapted) model and score it: the server and the runner."""
+    speech.model.load_state_dict(weights)
+    return evaluate_all(speech, sets, label)
 
 
 def evaluate_all(speech: SpeechModel, sets: dict[str, list[Utterance]], label: str) -> Evaluation:

@@ -43,11 +43,34 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, ensure_ascii=False, sort_keys=False) + "\n")
 
 
-def atomic_torch_save(path: str | os.PathLike, obj: Any) -> None:
-    import io
-
+def atomic_save_tensors(path: str | os.PathLike, tensors: dict, meta: dict | None = None) -> None:
+    """Tensors in safetensors (no pickle: loading runs no code) plus JSON metadata, in one atomic file."""
     import torch
+    from safetensors.torch import save
 
-    buffer = io.BytesIO()
-    torch.save(obj, buffer)
-    atomic_write_bytes(path, buffer.getvalue())
+    plain = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
+    header = {"meta": json.dumps(meta or {}, sort_keys=True)}
+    data = save(plain, metadata=header) if plain else save({"_empty": torch.zeros(0)}, metadata=header)
+    atomic_write_bytes(path, data)
+
+
+def read_tensors_meta(path: str | os.PathLike) -> dict:
+    """The JSON metadata of a file written by `atomic_save_tensors`, without reading its tensors."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        return json.loads((handle.metadata() or {}).get("meta", "{}"))
+
+
+def load_tensors(path: str | os.PathLike) -> tuple[dict, dict]:
+    """(tensors, metadata) of a file written by `atomic_save_tensors`; a bad file names itself."""
+    from safetensors.torch import load
+
+    try:
+        data = Path(path).read_bytes()
+        tensors = load(data)
+        meta = read_tensors_meta(path)
+    except Exception as error:  # noqa: BLE001 - safetensors raises several kinds
+        raise ValueError(f"{path}: not a readable cl-fed state file ({error})") from error
+    tensors.pop("_empty", None)
+    return tensors, meta

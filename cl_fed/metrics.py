@@ -22,8 +22,11 @@ Each metric, with its sign convention (WER in percent points):
       = mean_{j>=1} (initial[j] - R[j-1][j])        else when initial is given (None if T == 1)
     forward transfer; positive = earlier learning helped. single_task[j] is the WER of a model
     fine-tuned on stage j alone; initial[j] the starting base's WER on stage j. Else None.
+    The two are different quantities, so the result says which one it is:
+    fwt_definition = "single-task" | "initial" | None (None exactly when fwt is None).
 - intransigence = mean_j (R[j][j] - joint[j])       when joint is given, else None
-    positive = stages are learnt worse than by joint training on all data (joint[j]).
+    positive = stages are learnt worse than by joint training on all data; joint[j] is the joint
+    model's WER on stage j's test set (the single row of a joint run's WER matrix).
 """
 
 from __future__ import annotations
@@ -35,6 +38,10 @@ from dataclasses import dataclass
 import jiwer
 
 from cl_fed.textnorm import normalize_text
+
+FWT_SINGLE_TASK = "single-task"  # metrics["fwt_definition"]: which forward transfer "fwt" holds
+FWT_INITIAL = "initial"
+FWT_DEFINITIONS = (FWT_SINGLE_TASK, FWT_INITIAL)
 
 
 @dataclass(frozen=True)
@@ -140,38 +147,48 @@ def _mean(values: list[float]) -> float:
     return sum(values) / len(values)
 
 
+def intransigence(R: Sequence[Sequence[float]], joint: Sequence[float]) -> float:
+    """mean_j (R[j][j] - joint[j]): how much worse each stage is learnt than by joint training."""
+    R = _results_matrix(R)
+    joint = _finite_vector(joint, len(R), "joint")
+    return _mean([R[j][j] - joint[j] for j in range(len(R))])
+
+
 def continual_metrics(
     R: Sequence[Sequence[float]],
     initial: Sequence[float] | None = None,
     joint: Sequence[float] | None = None,
     single_task: Sequence[float] | None = None,
-) -> dict[str, float | None]:
-    """AWER, BWT, forgetting, FWT, intransigence and new-stage WER (formulas in the module docstring)."""
+) -> dict[str, float | str | None]:
+    """AWER, BWT, forgetting, FWT (and which definition), intransigence and new-stage WER (formulas in
+    the module docstring)."""
     R = _results_matrix(R)
     T = len(R)
     last = T - 1
     diagonal = [R[j][j] for j in range(T)]
-    metrics: dict[str, float | None] = {
+    metrics: dict[str, float | str | None] = {
         "awer": _mean(R[last]),
         "new_stage_wer": _mean(diagonal),
         "bwt": None,
         "forgetting": None,
         "fwt": None,
+        "fwt_definition": None,
         "intransigence": None,
     }
     if T > 1:
         metrics["bwt"] = _mean([R[j][j] - R[last][j] for j in range(last)])
         metrics["forgetting"] = _mean(
-            [R[last][j] - min(R[l][j] for l in range(j, last)) for j in range(last)]
+            [R[last][j] - min(R[i][j] for i in range(j, last)) for j in range(last)]
         )
     if single_task is not None:
         single_task = _finite_vector(single_task, T, "single_task")
         metrics["fwt"] = _mean([single_task[j] - diagonal[j] for j in range(T)])
+        metrics["fwt_definition"] = FWT_SINGLE_TASK
     elif initial is not None:
         initial = _finite_vector(initial, T, "initial")
         if T > 1:
             metrics["fwt"] = _mean([initial[j] - R[j - 1][j] for j in range(1, T)])
+            metrics["fwt_definition"] = FWT_INITIAL
     if joint is not None:
-        joint = _finite_vector(joint, T, "joint")
-        metrics["intransigence"] = _mean([diagonal[j] - joint[j] for j in range(T)])
+        metrics["intransigence"] = intransigence(R, joint)
     return metrics

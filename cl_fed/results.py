@@ -7,18 +7,26 @@
         report.md               a human summary
 
 Row i of a matrix is the evaluation after training through stage i; column j is stage j's test
-set (the joint-training upper bound, schedule mode "joint", has a single row). `initial_wer` is the starting base on every stage's test set (row "before stage 0"), which
-forward transfer needs. Everything in results.json can be recomputed from the predictions.
+set (the joint-training upper bound, schedule mode "joint", has a single row). `initial_wer` is the
+starting base on every stage's test set (row "before stage 0"), which forward transfer needs
+(`metrics.fwt_definition` says which FWT was computed). Optional references, null unless the
+runner was given them: `joint_wer`, the joint-training model's WER on every stage's test set, from
+which `metrics.intransigence` is computed (the comparison report also pairs runs with joint runs
+itself), and `single_task_wer`, models fine-tuned on one stage alone, which FWT then uses
+(`fwt_definition` "single-task" instead of "initial"). Everything else in results.json can be
+recomputed from the predictions.
 """
 
 from __future__ import annotations
 
 import json
+import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from cl_fed.io import atomic_write_json, atomic_write_text
-from cl_fed.metrics import cer, continual_metrics, wer
+from cl_fed.metrics import cer, continual_metrics, intransigence, wer
 
 FORMAT = "cl-fed-results/1"
 
@@ -60,17 +68,49 @@ class RunRecord:
     rounds: list[dict] = field(default_factory=list)
     wall_seconds: float = 0.0
     privacy: dict | None = None  # DP runs: cl_fed.privacy.privacy_report after the last round
+    base_checksum: str | None = None  # the final committed base (cl_fed.continual.state_checksum)
+    # references, each a WER (%) per stage's test set, in `stages` order or keyed by stage name:
+    # joint training on all data (intransigence; e.g. a joint run's results.json "wer_matrix"[0]) and
+    # single-task fine-tuning (FWT against single-task models instead of the initial base)
+    joint_wer: Sequence[float] | Mapping[str, float] | None = None
+    single_task_wer: Sequence[float] | Mapping[str, float] | None = None
 
     def matrix(self, kind: str) -> list[list[float]]:
         return [[getattr(e, kind)[s] for s in self.stages] for e in self.after_stage]
+
+    def reference(self, name: str) -> list[float] | None:
+        """Reference `name` ("joint_wer", "single_task_wer") as a list in `stages` order; a reference
+        of the wrong shape is an error."""
+        given = getattr(self, name)
+        if given is None:
+            return None
+        if isinstance(given, Mapping):
+            missing = [s for s in self.stages if s not in given]
+            if missing:
+                raise ValueError(f"{name} has no WER for stage(s) {missing}")
+            return [float(given[s]) for s in self.stages]
+        values = [float(v) for v in given]
+        if len(values) != len(self.stages):
+            raise ValueError(f"{name} has {len(values)} entries for {len(self.stages)} stages")
+        return values
 
     def to_json(self) -> dict:
         wer_matrix, cer_matrix = self.matrix("wer"), self.matrix("cer")
         initial_wer = [self.initial.wer[s] for s in self.stages] if self.initial else None
         joint = self.schedule.get("mode") == "joint"  # one model trained on everything: one row
         complete = len(self.after_stage) == (1 if joint else len(self.stages))
+        joint_wer, single_task_wer = self.reference("joint_wer"), self.reference("single_task_wer")
+        # an unscorable (NaN) reference leaves what needs it undefined (FWT falls back to the initial
+        # base, and says so in fwt_definition), never the other metrics
+        single_task = (
+            single_task_wer if single_task_wer and all(map(math.isfinite, single_task_wer)) else None
+        )
         try:  # a test set nobody could score (NaN) leaves the metrics undefined, not the run lost
-            metrics = continual_metrics(wer_matrix, initial=initial_wer) if complete and not joint else None
+            metrics = (
+                continual_metrics(wer_matrix, initial=initial_wer, single_task=single_task)
+                if complete and not joint
+                else None
+            )
             if complete and joint:
                 metrics = {
                     "awer": continual_metrics([wer_matrix[0]] * len(self.stages))["awer"],
@@ -78,10 +118,13 @@ class RunRecord:
                     "bwt": None,
                     "forgetting": None,
                     "fwt": None,
+                    "fwt_definition": None,
                     "intransigence": None,
                 }
         except ValueError:
             metrics = None
+        if metrics is not None and not joint and joint_wer is not None and all(map(math.isfinite, joint_wer)):
+            metrics["intransigence"] = intransigence(wer_matrix, joint_wer)
         extra = sorted({k for e in self.after_stage for k in e.wer} - set(self.stages))
         return {
             "format": FORMAT,
@@ -95,6 +138,8 @@ class RunRecord:
             "cer_matrix": cer_matrix,
             "initial_wer": initial_wer,
             "initial_cer": [self.initial.cer[s] for s in self.stages] if self.initial else None,
+            "joint_wer": joint_wer,
+            "single_task_wer": single_task_wer,
             # other test sets (e.g. the foundation domain): WER after each stage
             "other_test_sets": {
                 k: {
@@ -108,6 +153,7 @@ class RunRecord:
             "bytes_up": sum(r.get("bytes_up", 0) for r in self.rounds),
             "bytes_down": sum(r.get("bytes_down", 0) for r in self.rounds),
             "wall_seconds": round(self.wall_seconds, 3),
+            "base_checksum": self.base_checksum,
             **({"privacy": self.privacy} if self.privacy else {}),
         }
 
@@ -182,8 +228,10 @@ def render_report(data: dict) -> str:
         f"- AWER (mean WER after the last stage): {_fmt(m.get('awer'))}",
         f"- BWT (negative = forgetting): {_fmt(m.get('bwt'))}",
         f"- Forgetting (>= 0): {_fmt(m.get('forgetting'))}",
-        f"- FWT (positive = earlier stages helped unseen ones): {_fmt(m.get('fwt'))}",
+        f"- FWT (positive = earlier stages helped unseen ones): {_fmt(m.get('fwt'))}"
+        + (f" (definition: {m['fwt_definition']})" if m.get("fwt_definition") else ""),
         f"- New-stage WER (mean of the diagonal): {_fmt(m.get('new_stage_wer'))}",
+        f"- Intransigence (new-stage WER minus joint training's): {_fmt(m.get('intransigence'))}",
     ]
     for name, series in data.get("other_test_sets", {}).items():
         lines.append(f"- {name} test set WER after each stage: " + ", ".join(_fmt(v) for v in series["wer"]))
@@ -203,8 +251,8 @@ def render_report(data: dict) -> str:
             "",
             f"- ({privacy['epsilon']:.3g}, {privacy['delta']:g})-DP per {privacy['unit']}, "
             f"after {privacy['rounds']} noised aggregations",
-            f"- noise multiplier {privacy['noise_multiplier']:g}, clipping norm {privacy['clipping_norm']:g}, "
-            f"sampling: {privacy['sampling']}",
+            f"- noise multiplier {privacy['noise_multiplier']:g}, "
+            f"clipping norm {privacy['clipping_norm']:g}, sampling: {privacy['sampling']}",
             f"- accountant: {privacy['accountant']}",
             "",
         ]

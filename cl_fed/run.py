@@ -12,22 +12,28 @@ adapter for all stages and never merges. Writes the results format of `cl_fed.re
 from __future__ import annotations
 
 import argparse
+import copy
 import time
 from dataclasses import replace
 from pathlib import Path
 
-from cl_fed.adapters import adapter_state, attach_lora, base_state, load_base_state, reset_adapters
-from cl_fed.centralize import AdapterPool, centralize
+from cl_fed.adapters import adapter_shapes, attach_lora
+from cl_fed.aggregation import aggregate
 from cl_fed.config import DEFAULTS, RunConfig, make_config
 from cl_fed.continual import (
-    evaluate_all,
+    evaluate_weights,
     lora_spec,
     prepare_data,
-    round_seed,
+    start_adapter,
     starting_model,
+    state_checksum,
     test_sets,
-    train_config,
+    train_round,
 )
+from cl_fed.loop import walk
+from cl_fed.models.base import SpeechModel
+from cl_fed.plan import Evaluate, Merge, Train, continual_plan, round_seed, rule_for
+from cl_fed.state import ContinualState
 from cl_fed.paths import runs_root
 from cl_fed.results import RunRecord
 from cl_fed.train import train_local
@@ -36,13 +42,16 @@ SINGLE_SITE_STRATEGIES = ("centralization", "fedavg", "fedavg-lora")
 
 
 def run_single_site(cfg: RunConfig, site: str = "all", progress: bool = True) -> Path:
-    """Run the continual loop on one site; returns the run directory."""
+    """Walk the continual plan on one site (a grid of one); returns the run directory."""
     if cfg.strategy not in SINGLE_SITE_STRATEGIES:
         raise ValueError(
             f"strategy={cfg.strategy!r} needs several sites; the single-site runner "
             f"takes {', '.join(SINGLE_SITE_STRATEGIES)}"
         )
     refuse_privacy(cfg)
+    if cfg.server_optimizer != "none":
+        raise ValueError(f"server-optimizer={cfg.server_optimizer!r} is a federated server's optimiser; "
+                         "the single-site runner has none (use flwr run)")
     start = time.perf_counter()
     scenario, stream = prepare_data(cfg, progress=progress)
     stages = stream.stages
@@ -50,7 +59,13 @@ def run_single_site(cfg: RunConfig, site: str = "all", progress: bool = True) ->
     sites = stream.sites if site == "all" else [site]
     if site != "all" and site not in stream.sites:
         raise ValueError(f"site={site!r} is not in the data; sites: {', '.join(stream.sites)}")
-    speech = starting_model(cfg, scenario, progress=progress)
+    evaluator = starting_model(cfg, scenario, progress=progress)  # plain model, as the server's
+    trainer = copy.deepcopy(evaluator)  # the site's model: LoRA-wrapped for the LoRA strategies
+    spec = lora_spec(cfg, trainer) if cfg.strategy != "fedavg" else None
+    if spec is not None:
+        trainer.model = attach_lora(trainer.model, spec, seed=cfg.seed)
+    scale = spec.scale if spec is not None else 1.0
+    shapes = adapter_shapes(trainer.model) if spec is not None else {}
     sets = test_sets(stream)
     run_name = cfg.default_run_name() if cfg.run_name else f"{cfg.default_run_name()}-single-{site}"
     run_dir = Path(cfg.output_dir or runs_root()) / run_name
@@ -61,76 +76,55 @@ def run_single_site(cfg: RunConfig, site: str = "all", progress: bool = True) ->
         config={**cfg.to_dict(), "site": site},
         stages=stages,
     )
-    _say(
-        progress,
-        f"[cl-fed] single site ({site}): {len(stages)} stages, strategy {cfg.strategy}; "
-        f"evaluating the starting base on {len(sets)} test sets",
-    )
-    record.initial = evaluate_all(speech, sets, "initial")
-
-    lora = cfg.strategy != "fedavg"
-    if lora:
-        spec = lora_spec(cfg, speech)
-        speech.model = attach_lora(speech.model, spec, seed=round_seed(cfg, 0, 0))
-    pool = AdapterPool(schedule.every) if cfg.strategy == "centralization" else None
-
-    def merge(adapters, weights, seed):
-        merged = centralize(base_state(speech.model), adapters, weights, spec.scale, cfg.merge)
-        load_base_state(speech.model, merged)
-        reset_adapters(speech.model, seed)
-
+    _say(progress, f"[cl-fed] single site ({site}): {len(stages)} stages, strategy {cfg.strategy}; "
+                   f"evaluating the starting base on {len(sets)} test sets")
+    state = ContinualState.start({k: v.detach().clone() for k, v in evaluator.model.state_dict().items()})
+    record.initial = evaluate_weights(evaluator, state.evaluated(scale), sets, "initial")
     views = {s: stream.site(s) for s in sites}
-    for t, stage in enumerate(stages):
-        data = [u for s in sites for u in views[s].enter(t)]
+
+    def train(step: Train) -> dict:
+        data = [u for s in sites for u in views[s].enter(step.stage)]
         if not data:
-            raise ValueError(f"stage {stage!r} has no training data for site(s) {sites}")
-        for r in range(cfg.rounds_per_stage):
-            seed = round_seed(cfg, t, r)
-            result = train_local(speech, data, train_config(cfg, full=not lora, seed=seed, progress=progress))
-            entry = {
-                "stage": t,
-                "stage_name": stage,
-                "round": r,
-                "loss": result.loss,
-                "num_examples": result.num_examples,
-                "audio_seconds": result.audio_seconds,
-                "seconds": result.wall_seconds,
-                "bytes_up": 0,
-                "bytes_down": 0,
-                "clients_used": [site],
-                "clients_dropped": [],
-                "merged": False,
-            }
-            if pool is not None and schedule.merge_after_round():
-                merge([adapter_state(speech.model)], [1.0], round_seed(cfg, t, r + 1))
-                entry["merged"] = True
-            record.rounds.append(entry)
-            _say(
-                progress,
-                f"[cl-fed] stage {t + 1}/{len(stages)} {stage} round {r + 1}/{cfg.rounds_per_stage}: "
-                f"loss {result.loss:.3f}, {result.audio_seconds / max(result.wall_seconds, 1e-9):.0f}x real time",
-            )
-        pending = None
-        if pool is not None and schedule.unit == "stage":
-            pool.add(adapter_state(speech.model))
-            next_seed = round_seed(cfg, t + 1, 0)
-            if schedule.merge_after_stage(t):
-                merge(*pool.drain(), next_seed)
-                record.rounds[-1]["merged"] = True
-            else:  # a fresh adapter for the next chunk; evaluate as if the pool were merged now
-                reset_adapters(speech.model, next_seed)
-                pending = base_state(speech.model)
-                load_base_state(speech.model, centralize(pending, *pool.pending(), spec.scale, cfg.merge))
-        record.after_stage.append(evaluate_all(speech, sets, stage))
-        if pending is not None:
-            load_base_state(speech.model, pending)
+            raise ValueError(f"stage {stages[step.stage]!r} has no training data for site(s) {sites}")
+        adapter = start_adapter(step, state.adapter, shapes)
+        update, result = train_round(trainer, data, cfg, step, state.weights, adapter, progress=progress)
+        record.rounds.append(round_entry(step, stages, result, [site]))
+        _say(progress, f"[cl-fed] stage {step.stage + 1}/{len(stages)} {stages[step.stage]} round "
+                       f"{step.round + 1}/{cfg.rounds_per_stage}: loss {result.loss:.3f}, "
+                       f"{result.audio_seconds / max(result.wall_seconds, 1e-9):.0f}x real time")
+        return aggregate(rule_for(cfg), [update], [1.0], scale)
+
+    def evaluate(step: Evaluate) -> None:
+        record.after_stage.append(evaluate_weights(evaluator, state.evaluated(scale), sets, step.label))
         row = record.after_stage[-1].wer
-        _say(progress, f"[cl-fed] after {stage}: WER " + ", ".join(f"{k} {v:.1f}" for k, v in row.items()))
+        _say(progress, f"[cl-fed] after {step.label}: WER " + ", ".join(f"{k} {v:.1f}" for k, v in row.items()))
+
+    def merged(step: Merge) -> None:
+        record.rounds[-1]["merged"] = step.commit
+        record.rounds[-1]["pooled"] = True
+
+    walk(continual_plan(cfg, stages), state, scale=scale, mode=cfg.merge, train=train, evaluate=evaluate,
+         merged=merged)
     record.wall_seconds = time.perf_counter() - start
-    speech.save(run_dir / "model")
+    record.base_checksum = state_checksum(state.base)
+    save_evaluated(evaluator, state.evaluated(scale), run_dir)
     record.write(run_dir)
     _say(progress, f"[cl-fed] results: {(run_dir / 'results.json').resolve()}")
     return run_dir
+
+
+def round_entry(step: Train, stages: list[str], result, used: list[str]) -> dict:
+    """One row of results.json `rounds` for an in-process round."""
+    return {"stage": step.stage, "stage_name": stages[step.stage], "round": step.round,
+            "server_round": step.server_round, "loss": result.loss, "num_examples": result.num_examples,
+            "audio_seconds": result.audio_seconds, "seconds": result.wall_seconds, "lr_mean": result.lr_mean,
+            "bytes_up": 0, "bytes_down": 0, "clients_used": used, "clients_dropped": [], "merged": False}
+
+
+def save_evaluated(speech: SpeechModel, weights: dict, run_dir: Path) -> None:
+    """`model/` = the model the last evaluation scored (pending pool and live adapter merged in)."""
+    speech.model.load_state_dict(weights)
+    speech.save(run_dir / "model")
 
 
 def refuse_privacy(cfg: RunConfig) -> None:
@@ -174,32 +168,20 @@ def run_joint(cfg: RunConfig, progress: bool = True) -> Path:
         progress,
         f"[cl-fed] joint training on all {len(stream.stages)} stages of {len(stream.sites)} sites at once",
     )
-    record.initial = evaluate_all(speech, sets, "initial")
+    weights = {k: v.detach().clone() for k, v in speech.model.state_dict().items()}
+    record.initial = evaluate_weights(speech, weights, sets, "initial")
     data = [u for s in stream.sites for t in range(len(stream.stages)) for u in stream.site(s).enter(t)]
-    for r in range(cfg.rounds_per_stage):
-        result = train_local(
-            speech, data, train_config(cfg, full=True, seed=round_seed(cfg, 0, r), progress=progress)
-        )
-        record.rounds.append(
-            {
-                "stage": None,
-                "stage_name": "all",
-                "round": r,
-                "loss": result.loss,
-                "num_examples": result.num_examples,
-                "audio_seconds": result.audio_seconds,
-                "seconds": result.wall_seconds,
-                "bytes_up": 0,
-                "bytes_down": 0,
-                "clients_used": ["all"],
-                "clients_dropped": [],
-                "merged": False,
-            }
-        )
-        _say(progress, f"[cl-fed] joint round {r + 1}/{cfg.rounds_per_stage}: loss {result.loss:.3f}")
-    record.after_stage.append(evaluate_all(speech, sets, "joint"))
+    rounds = cfg.rounds_per_stage
+    for r in range(rounds):
+        step = Train(0, r, r + 1, round_seed(cfg.seed, 0, r), "full", r if cfg.lr_span == "stage" else 0,
+                     rounds if cfg.lr_span == "stage" else 1)
+        weights, result = train_round(speech, data, cfg, step, weights, None, progress=progress)
+        record.rounds.append({**round_entry(step, ["all"], result, ["all"]), "stage": None})
+        _say(progress, f"[cl-fed] joint round {r + 1}/{rounds}: loss {result.loss:.3f}")
+    record.after_stage.append(evaluate_weights(speech, weights, sets, "joint"))
     record.wall_seconds = time.perf_counter() - start
-    speech.save(run_dir / "model")
+    record.base_checksum = state_checksum(weights)
+    save_evaluated(speech, weights, run_dir)
     record.write(run_dir)
     _say(progress, f"[cl-fed] results: {(run_dir / 'results.json').resolve()}")
     return run_dir

@@ -1,9 +1,13 @@
 """Local training of a SpeechModel on a list of utterances: LoRA and full fine-tuning alike.
 
 `train_local` optimises whatever parameters have requires_grad: the LoRA factors when `cl_fed.adapters`
-has wrapped the model, every weight for full fine-tuning. AdamW, linear warmup then inverse-square-root
-(default, as in the paper's code) or cosine decay, gradient clipping, SpecAugment, length-bucketed
-batches. Same seed + same data + same starting weights -> same final weights (on CPU).
+has wrapped the model, every weight for full fine-tuning. AdamW, gradient clipping, SpecAugment,
+length-bucketed batches. Same seed + same data + same starting weights -> same final weights (on CPU).
+
+The learning rate follows one of transformers' schedules (`TrainConfig.schedule`), all with linear warm-up
+over a fraction of the schedule's span. The span may be longer than one call: a federated round trains
+steps [span_offset, span_offset + steps) of a schedule that spans a whole stage of several rounds, so
+splitting a span into calls gives exactly the LR sequence of one call over the whole span.
 
 Audio is loaded and turned into features once and kept in a `FeatureCache` (module default
 `FEATURE_CACHE`), because clients train on the same data for several rounds and evaluation reuses it.
@@ -15,32 +19,58 @@ import contextlib
 import math
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+import transformers
 from tqdm.auto import tqdm
 
 from cl_fed.data.audio import load_audio
 from cl_fed.data.utterance import Utterance
 from cl_fed.models.base import SpeechModel
 
-SCHEDULES = ("inverse_sqrt", "cosine", "constant")
+SCHEDULES = ("inverse_sqrt", "cosine", "linear", "constant")
 AMP_MODES = ("auto", "bf16", "fp16", "none")
 
 
 @dataclass
 class TrainConfig:
+    """Local training settings (defaults in brackets).
+
+    epochs [1]: passes over the data; ignored when max_steps is set.
+    max_steps [None]: when set, exactly this many optimizer steps (cycling through epochs).
+    batch_size [16]; lr [1e-3]: the peak learning rate, reached at the end of warm-up.
+    schedule ["inverse_sqrt"]: the LR schedule, one of transformers' schedule functions, each with linear
+        warm-up from 0 (a fresh span's first step runs at LR 0, the peak is reached at step W):
+        "inverse_sqrt" (`get_inverse_sqrt_schedule`, timescale W: lr * sqrt(W / k) from step W on; with
+        warmup 0, transformers' timescale 10_000), "cosine" (`get_cosine_schedule_with_warmup`, to 0 at
+        the end of the span), "linear" (`get_linear_schedule_with_warmup`, to 0 at the end of the span),
+        "constant" (`get_constant_schedule_with_warmup`).
+    warmup [0.1]: warm-up as a fraction of the span, in [0, 1]: W = round(warmup * span_steps) steps,
+        at least 1 when warmup > 0.
+    span_steps [None]: the length of the LR schedule in optimizer steps; None = the steps of this call.
+    span_offset [0]: steps of the span that earlier calls already made; local step k runs at the
+        schedule's step span_offset + k, so span_offset + steps <= span_steps.
+    weight_decay [0.01] (AdamW); grad_clip [1.0]: max global gradient norm, 0 disables;
+    spec_augment [True]; seed [0]: batching, SpecAugment and dropout;
+    amp ["auto"]: "auto" = bf16 (fp16 without bf16 support) autocast only on CUDA, else "bf16", "fp16",
+        "none"; progress [True]: a tqdm bar.
+    """
+
     epochs: int = 1
-    max_steps: int | None = None  # when set, exactly this many steps (cycling through epochs); epochs ignored
+    max_steps: int | None = None
     batch_size: int = 16
-    lr: float = 1e-3  # peak learning rate, reached after warmup
-    warmup_steps: int = 0
-    schedule: str = "inverse_sqrt"  # after warmup: lr*sqrt(warmup/step); "cosine": to 0 at the last step
+    lr: float = 1e-3
+    schedule: str = "inverse_sqrt"
+    warmup: float = 0.1
+    span_steps: int | None = None
+    span_offset: int = 0
     weight_decay: float = 0.01
-    grad_clip: float = 1.0  # max global gradient norm; 0 disables
+    grad_clip: float = 1.0
     spec_augment: bool = True
     seed: int = 0
-    amp: str = "auto"  # "auto": bf16 (or fp16 without bf16 support) autocast only on CUDA; else none
+    amp: str = "auto"
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -50,10 +80,71 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.amp must be one of {AMP_MODES}, got {self.amp!r}")
         if self.batch_size < 1 or self.epochs < 0 or (self.max_steps is not None and self.max_steps < 0):
             raise ValueError(f"TrainConfig needs batch_size >= 1, epochs >= 0, max_steps >= 0: {self}")
-        if self.lr <= 0 or self.warmup_steps < 0 or self.grad_clip < 0 or self.weight_decay < 0:
+        if self.lr <= 0 or self.grad_clip < 0 or self.weight_decay < 0:
+            raise ValueError(f"TrainConfig needs lr > 0 and grad_clip, weight_decay >= 0: {self}")
+        if not 0.0 <= self.warmup <= 1.0:
             raise ValueError(
-                f"TrainConfig needs lr > 0 and warmup_steps, grad_clip, weight_decay >= 0: {self}"
+                "TrainConfig.warmup is a fraction of the span in [0, 1] (not a step count), "
+                f"got {self.warmup}"
             )
+        if self.span_steps is not None and self.span_steps < 0:
+            raise ValueError(f"TrainConfig.span_steps must be >= 0 (or None), got {self.span_steps}")
+        if self.span_offset < 0:
+            raise ValueError(f"TrainConfig.span_offset must be >= 0, got {self.span_offset}")
+        if self.span_offset > 0 and self.span_steps is None:
+            raise ValueError(
+                f"TrainConfig.span_offset ({self.span_offset}) needs span_steps: with span_steps None "
+                "the span is this call's steps, which start at offset 0"
+            )
+        if self.max_steps is not None:
+            check_span(self, self.max_steps)
+
+
+def check_span(config: TrainConfig, steps: int) -> None:
+    """Raise ValueError unless a call of `steps` steps fits the span: span_offset + steps <= span_steps."""
+    if config.span_steps is not None and config.span_offset + steps > config.span_steps:
+        raise ValueError(
+            f"TrainConfig.span_offset + steps ({config.span_offset} + {steps}) exceeds "
+            f"TrainConfig.span_steps ({config.span_steps}): the call would run past the end of its schedule"
+        )
+
+
+def steps_per_call(num_utterances: int, epochs: int, batch_size: int) -> int:
+    """Optimizer steps of a train_local call without max_steps: epochs * ceil(num_utterances / batch_size)."""
+    if num_utterances < 0 or epochs < 0 or batch_size < 1:
+        raise ValueError(
+            f"steps_per_call needs num_utterances >= 0, epochs >= 0, batch_size >= 1, "
+            f"got {num_utterances}, {epochs}, {batch_size}"
+        )
+    return epochs * math.ceil(num_utterances / batch_size)
+
+
+def num_warmup_steps(warmup: float, span_steps: int) -> int:
+    """Warm-up steps for a warm-up fraction: round(warmup * span_steps), at least 1 when warmup > 0."""
+    return max(1, round(warmup * span_steps)) if warmup > 0 else 0
+
+
+def _schedule_lambda(config: TrainConfig, span_steps: int) -> Callable[[int], float]:
+    """transformers' LR multiplier as a function of the span step (0 = the span's first optimizer step)."""
+    warmup = num_warmup_steps(config.warmup, span_steps)
+    dummy = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)  # only to build the scheduler
+    if config.schedule == "inverse_sqrt":
+        scheduler = transformers.get_inverse_sqrt_schedule(dummy, num_warmup_steps=warmup)
+    elif config.schedule == "cosine":
+        scheduler = transformers.get_cosine_schedule_with_warmup(dummy, warmup, span_steps)
+    elif config.schedule == "linear":
+        scheduler = transformers.get_linear_schedule_with_warmup(dummy, warmup, span_steps)
+    else:
+        scheduler = transformers.get_constant_schedule_with_warmup(dummy, warmup)
+    return scheduler.lr_lambdas[0]
+
+
+def lr_at(config: TrainConfig, step: int, span_steps: int) -> float:
+    """Multiplier of the peak lr at 0-based `step` of a span of `span_steps` steps (config's schedule and
+    warm-up fraction; config.span_steps and span_offset are not used)."""
+    if not 0 <= step < span_steps:
+        raise ValueError(f"lr_at needs 0 <= step < span_steps, got step {step}, span_steps {span_steps}")
+    return float(_schedule_lambda(config, span_steps)(step))
 
 
 @dataclass
@@ -63,7 +154,9 @@ class TrainResult:
     audio_seconds: float  # seconds of audio processed, summed over all steps and epochs
     wall_seconds: float
     steps: int
+    lr_mean: float  # mean multiplier of the peak lr over this call's steps (nan when no step ran)
     step_losses: list[float] = field(default_factory=list)
+    step_lrs: list[float] = field(default_factory=list)  # multiplier of the peak lr at each step
 
 
 class FeatureCache:
@@ -117,20 +210,6 @@ def length_batches(lengths: list[int], batch_size: int, generator: torch.Generat
     return [batches[i] for i in permutation]
 
 
-def lr_factor(step: int, config: TrainConfig, total_steps: int) -> float:
-    """Multiplier of the peak lr for 0-based `step`: linear warmup, then the configured decay."""
-    n = step + 1
-    warmup = config.warmup_steps
-    if n <= warmup:
-        return n / warmup
-    if config.schedule == "constant":
-        return 1.0
-    if config.schedule == "inverse_sqrt":
-        return math.sqrt(max(warmup, 1) / n)
-    progress = (n - warmup) / max(1, total_steps - warmup)
-    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-
 def _autocast(config: TrainConfig, device: torch.device):
     if device.type != "cuda" or config.amp == "none":
         return contextlib.nullcontext(), None
@@ -181,17 +260,27 @@ def train_local(
     entries = [cache.get(speech, u) for u in utterances]
     lengths = [e[0].shape[0] for e in entries]
 
-    batches_per_epoch = math.ceil(len(utterances) / config.batch_size)
-    total_steps = config.max_steps if config.max_steps is not None else config.epochs * batches_per_epoch
+    total_steps = (
+        config.max_steps
+        if config.max_steps is not None
+        else steps_per_call(len(utterances), config.epochs, config.batch_size)
+    )
+    check_span(config, total_steps)
+    span_steps = total_steps if config.span_steps is None else config.span_steps
     device = speech.device
     autocast, scaler = _autocast(config, device)
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, config, total_steps))
+    # LambdaLR calls its lambda with the number of scheduler.step() calls so far (0 before the first
+    # optimizer step), the same count transformers' lambdas take, so local step k runs at span step
+    # span_offset + k.
+    span_lambda, offset = _schedule_lambda(config, span_steps), config.span_offset
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda k: span_lambda(k + offset))
 
     generator = torch.Generator().manual_seed(config.seed)  # batching and SpecAugment
     rng_devices = [device.index or 0] if device.type == "cuda" else []
     was_training = speech.model.training
     step_losses: list[float] = []
+    step_lrs: list[float] = []
     audio_seconds = 0.0
     with torch.random.fork_rng(devices=rng_devices):
         torch.manual_seed(config.seed)  # dropout
@@ -222,6 +311,7 @@ def train_local(
                     scaler.unscale_(optimizer)
                 if config.grad_clip > 0:
                     torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
+                step_lrs.append(optimizer.param_groups[0]["lr"] / config.lr)
                 if scaler:
                     scaler.step(optimizer)
                     scaler.update()
@@ -242,5 +332,7 @@ def train_local(
         audio_seconds=audio_seconds,
         wall_seconds=time.perf_counter() - start,
         steps=len(step_losses),
+        lr_mean=sum(step_lrs) / len(step_lrs) if step_lrs else float("nan"),
         step_losses=step_losses,
+        step_lrs=step_lrs,
     )

@@ -13,60 +13,75 @@ evaluates on the test sets of the run config's scenario (server evaluation).
 from __future__ import annotations
 
 import shutil
+import uuid
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
-from cl_fed.adapters import attach_lora, base_state, load_base_state
-from cl_fed.centralize import centralize
+from cl_fed.adapters import adapter_shapes, attach_lora
 from cl_fed.config import RunConfig
 from cl_fed.continual import lora_spec, prepare_data, state_checksum
 from cl_fed.data.stream import StageStream
-from cl_fed.io import atomic_torch_save, atomic_write_text
+from cl_fed.io import atomic_save_tensors, atomic_write_text, load_tensors, read_tensors_meta
 from cl_fed.models.base import SpeechModel
 from cl_fed.models.registry import build_model
 from cl_fed.paths import cache_root
 from cl_fed.schedule import LORA_STRATEGIES
+from cl_fed.state import ContinualState
+
+STATE_FILE = "state.safetensors"
 
 
 class StaleBase(RuntimeError):
-    """The site's base is not the one the server's message assumes."""
+    """The site's weights are not the ones the server's message assumes."""
 
 
 @dataclass
 class Site:
+    """One site's data and model, and its persisted ContinualState: for `local` the site's own run
+    (base, weights, adapter, pool); otherwise just the weights the server synced (base = weights)."""
+
     name: str
     cfg: RunConfig
     stream: StageStream
     speech: SpeechModel  # LoRA-wrapped for the LoRA strategies
-    checksum: str  # of the base the site holds
     state_dir: Path
-    pool_state: dict | None = None  # `local` strategy: adapters waiting for the site's own merge
+    state: ContinualState | None = None  # None until the server's first full sync
+    checksum: str = ""  # of state.weights
+    version: str = ""  # of the state file this object reflects
 
     @property
     def lora(self) -> bool:
         return self.cfg.strategy in LORA_STRATEGIES
 
-    def base(self) -> dict[str, torch.Tensor]:
-        return base_state(self.speech.model) if self.lora else dict(self.speech.model.state_dict())
+    @property
+    def scale(self) -> float:
+        return lora_spec(self.cfg, self.speech).scale if self.lora else 1.0
 
-    def set_base(self, state: dict[str, torch.Tensor], persist: bool = True) -> None:
-        """Load base weights; `persist=False` for a temporary evaluation state (not recorded)."""
-        if self.lora:
-            load_base_state(self.speech.model, state)
-        else:
-            self.speech.model.load_state_dict(state)
-        if persist:
-            self.checksum = state_checksum(self.base())
-            atomic_torch_save(self.state_dir / "base.pt", {"checksum": self.checksum, "state": self.base()})
+    def shapes(self) -> dict[str, tuple]:
+        return adapter_shapes(self.speech.model) if self.lora else {}
 
-    def apply_merge(self, adapters, weights, scale: float, mode: str) -> None:
-        """The server's merge instruction, computed with the very same function the server used."""
-        self.set_base(centralize(self.base(), adapters, weights, scale, mode))
+    def set_state(self, state: ContinualState) -> None:
+        """Replace and persist the state (atomically: a crash leaves the old state file whole)."""
+        self.state, self.checksum, self.version = state, state_checksum(state.weights), uuid.uuid4().hex
+        meta = {"checksum": self.checksum, "version": self.version, "has_adapter": state.adapter is not None}
+        atomic_save_tensors(self.state_dir / STATE_FILE, state.to_tensors(), meta)
+
+    def reload_if_changed(self) -> None:
+        """Another worker or process may have advanced this site since this object was cached."""
+        path = self.state_dir / STATE_FILE
+        if not path.is_file():
+            self.state, self.checksum, self.version = None, "", ""
+            return
+        if read_tensors_meta(path).get("version") == self.version:
+            return
+        tensors, meta = load_tensors(path)
+        self.state = ContinualState.from_tensors(tensors, has_adapter=bool(meta.get("has_adapter")))
+        self.checksum, self.version = str(meta["checksum"]), str(meta["version"])
 
 
-_SITES: dict[tuple, Site] = {}
+_CACHE: dict[tuple, Site] = {}  # one built site per worker; its state is re-read when the file changed
 
 
 def node_data(cfg: RunConfig, node_config: dict) -> RunConfig:
@@ -114,13 +129,14 @@ def site_name(node_config: dict, stream: StageStream) -> str:
 
 
 def load_site(cfg: RunConfig, node_config: dict, run_key: str, run_id: int) -> Site:
-    """The site for this node, from the worker's cache, else rebuilt (base from disk if kept).
-
-    What a site keeps on disk belongs to one run: a new run under the same name starts clean,
-    unless it resumes (`resume=true`)."""
+    """The site for this node: its data and model (built once per worker), with the state it last
+    persisted. What a site keeps on disk belongs to one run: a new run under the same name starts
+    clean, unless it resumes (`resume=true`)."""
     key = (run_key, run_id, tuple(sorted((k, str(v)) for k, v in node_config.items())))
-    if key in _SITES:
-        return _SITES[key]
+    if key in _CACHE:
+        site = _CACHE[key]
+        site.reload_if_changed()
+        return site
     cfg = node_data(cfg, node_config)
     try:
         _, stream = prepare_data(cfg, progress=False)
@@ -129,7 +145,7 @@ def load_site(cfg: RunConfig, node_config: dict, run_key: str, run_id: int) -> S
             raise
         raise ValueError(f"node-config data={node_config['data']!r}: {error}") from error
     name = site_name(node_config, stream)
-    # the architecture only: the weights come from the server (full base) or from disk
+    # the architecture only: the weights come from the server (full sync) or from disk
     speech = build_model(cfg.model, allow_download=cfg.allow_download, seed=cfg.seed)
     if cfg.strategy in LORA_STRATEGIES:
         speech.model = attach_lora(speech.model, lora_spec(cfg, speech), seed=cfg.seed)
@@ -139,13 +155,20 @@ def load_site(cfg: RunConfig, node_config: dict, run_key: str, run_id: int) -> S
         shutil.rmtree(state_dir, ignore_errors=True)
     state_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(owner, str(run_id))
-    site = Site(name, cfg, stream, speech, checksum="", state_dir=state_dir)
-    saved = state_dir / "base.pt"
-    if saved.is_file():
-        kept = torch.load(saved, weights_only=True)
-        site.set_base(kept["state"])
-    if (state_dir / "pool.pt").is_file():  # `local` strategy: the site's own adapter pool
-        site.pool_state = torch.load(state_dir / "pool.pt", weights_only=False)
-    _SITES.clear()  # one site per worker at a time: bounded memory
-    _SITES[key] = site
+    site = Site(name, cfg, stream, speech, state_dir=state_dir)
+    site.reload_if_changed()
+    _CACHE.clear()  # one site per worker at a time: bounded memory
+    _CACHE[key] = site
     return site
+
+
+def evaluation_model(site: Site, weights: dict[str, torch.Tensor]) -> SpeechModel:
+    """The site's model holding exactly `weights` (a LoRA model's adapter set to B = 0)."""
+    from cl_fed.adapters import fresh_factors, load_adapter_state, load_base_state
+
+    if site.lora:
+        load_base_state(site.speech.model, weights)
+        load_adapter_state(site.speech.model, fresh_factors(site.shapes(), 0))
+    else:
+        site.speech.model.load_state_dict(weights)
+    return site.speech

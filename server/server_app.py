@@ -10,6 +10,7 @@ round, and `resume=true` continues an interrupted run.
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import time
@@ -18,16 +19,30 @@ from pathlib import Path
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
-from cl_fed.adapters import LoraSpec, adapter_state, attach_lora
-from cl_fed.centralize import centralize
+import torch
+
+from cl_fed import protocol as P
+from cl_fed.adapters import adapter_shapes, attach_lora
+from cl_fed.aggregation import with_zero_residual
 from cl_fed.config import RunConfig, make_config
-from cl_fed.continual import evaluate_all, lora_spec, prepare_data, starting_model, state_checksum, test_sets
+from cl_fed.continual import (
+    evaluate_weights,
+    lora_spec,
+    prepare_data,
+    start_adapter,
+    starting_model,
+    state_checksum,
+    test_sets,
+)
 from cl_fed.faults import InjectedCrash, stop_after_round
+from cl_fed.loop import walk
 from cl_fed.paths import runs_root
+from cl_fed.plan import Evaluate, Merge, Train, continual_plan, rule_for
 from cl_fed.privacy import privacy_report
 from cl_fed.results import Evaluation, RunRecord
-from server.checkpoint import load_checkpoint, save_checkpoint
-from server.strategies import STRATEGY_CLASSES, ServerState, last_line, stack
+from cl_fed.state import ContinualState
+from server.checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint
+from server.strategies import WeightsSync, build_strategy, last_line, load_optimizer_state, optimizer_state
 
 app = ServerApp()
 log = logging.getLogger("cl_fed.server")
@@ -55,29 +70,32 @@ def wait_for_sites(grid: Grid, num_sites: int, timeout: float = 120.0) -> list[i
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
+    run_server(grid, dict(context.run_config))
+
+
+def run_server(grid: Grid, run_config: dict) -> Path:
+    """Walk the continual plan over Flower's grid; returns the run directory."""
     start = time.perf_counter()
-    cfg = make_config(dict(context.run_config), source="run config")
+    cfg = make_config(run_config, source="run config")
     scenario, stream = prepare_data(cfg)  # checks the scenario before any training
     stages = stream.stages
     schedule = cfg.schedule(len(stages))
     wait_for_sites(grid, len(stream.sites))
     run_name = cfg.default_run_name()
     run_dir = Path(cfg.output_dir or runs_root()) / run_name
-    speech = starting_model(cfg, scenario)
+    speech = starting_model(cfg, scenario)  # the server evaluates a plain model
     sets = test_sets(stream) if cfg.evaluation == "server" else {s: [] for s in stages}
     federated = cfg.evaluation == "federated" or cfg.strategy == "local"
-
-    lora = STRATEGY_CLASSES[cfg.strategy].lora
-    if lora:
-        spec = lora_spec(cfg, speech)
-        probe = attach_lora(speech.model, spec, seed=cfg.seed)  # the adapters' names and shapes
-        reference = {k: v.shape for k, v in adapter_state(probe).items()}
-        speech.model = probe.unload()  # the server itself evaluates a plain model
-    else:
-        spec = LoraSpec(rank=1, alpha=1.0, dropout=0.0, target_modules=("unused",))
-        reference = {k: v.shape for k, v in speech.model.state_dict().items()}
     base = {k: v.detach().clone() for k, v in speech.model.state_dict().items()}
-    state = ServerState(base=base, checksum=state_checksum(base))
+    strategy = build_strategy(cfg)
+    if strategy.lora:
+        spec = lora_spec(cfg, speech)
+        probe = attach_lora(copy.deepcopy(speech.model), spec, seed=cfg.seed)  # the adapters' names and shapes
+        shapes = adapter_shapes(probe)
+        scale = spec.scale
+    else:
+        shapes, scale = {k: tuple(v.shape) for k, v in base.items()}, 1.0
+    state = ContinualState.start(base)
     record = RunRecord(
         run_name=run_name,
         strategy=cfg.strategy,
@@ -85,91 +103,77 @@ def main(grid: Grid, context: Context) -> None:
         config=cfg.to_dict(),
         stages=stages,
     )
-    position = (0, 0)
-    if cfg.resume and (run_dir / "checkpoint.pt").is_file():
-        state, record, position = load_checkpoint(run_dir / "checkpoint.pt", state)
-        log.warning("resuming %s at stage %d round %d", run_name, *position)
-        print(f"[cl-fed] resuming {run_name} at stage {position[0] + 1} round {position[1] + 1}", flush=True)
-    strategy = STRATEGY_CLASSES[cfg.strategy](cfg, schedule, state, reference, spec.scale, len(stream.sites))
-    if strategy.dp:
-        strategy.fresh_adapter = lambda seed: fresh_adapter(speech, spec, seed)
+    plan = continual_plan(cfg, stages)
+    next_step = 0
+    checkpoint = run_dir / CHECKPOINT
+    if cfg.resume and checkpoint.is_file():
+        state, record, next_step, extra = load_checkpoint(checkpoint, state, cfg.to_dict())
+        load_optimizer_state(strategy, extra)
+        print(f"[cl-fed] resuming {run_name} at plan step {next_step + 1}/{len(plan)}", flush=True)
+    sync = WeightsSync(state.weights)
+    strategy.bind(cfg, shapes, scale, rule_for(cfg), sync)
+    rule = rule_for(cfg)
 
     def evaluate(label: str) -> Evaluation:
-        adapters, weights = strategy.pending()
+        weights = state.evaluated(scale)
         if federated:
-            return federated_evaluation(grid, strategy, label, stages, adapters, weights, cfg)
-        weights_now = (
-            centralize(state.base, adapters, weights, spec.scale, cfg.merge) if adapters else state.base
-        )
-        speech.model.load_state_dict(weights_now)
-        return evaluate_all(speech, sets, label)
+            sync.update(state.weights)
+            return federated_evaluation(grid, strategy, label, stages, weights, cfg)
+        return evaluate_weights(speech, weights, sets, label)
 
     if record.initial is None:
         print(f"[cl-fed] {run_name}: evaluating the starting base", flush=True)
         record.initial = evaluate("initial")
-    server_round = position[0] * cfg.rounds_per_stage + position[1]
-    for t in range(position[0], len(stages)):
-        strategy.stage = t
-        first_round = position[1] if t == position[0] else 0
-        for r in range(first_round, cfg.rounds_per_stage):
-            server_round += 1
-            strategy.round, strategy.last_round_of_stage = r, r == cfg.rounds_per_stage - 1
-            tick = time.perf_counter()
-            messages = strategy.configure_train(server_round, ArrayRecord(), ConfigRecord(), grid)
-            timeout = cfg.round_timeout + (120 if server_round == 1 else 0)  # first round: workers start
-            replies = grid.send_and_receive(messages, timeout=timeout)
-            strategy.aggregate_train(server_round, replies)
-            entry = {
-                **strategy.round_log,
-                "stage_name": stages[t],
-                "seconds": round(time.perf_counter() - tick, 3),
-            }
-            entry["loss"] = (
-                (
-                    sum(l * n for l, n in zip(entry["losses"], entry["num_examples"]))
-                    / max(sum(entry["num_examples"]), 1)
-                )
-                if entry["losses"]
-                else None
-            )
-            record.rounds.append(entry)
-            if cfg.dp_noise:
-                record.privacy = privacy_now(cfg, record.rounds)
-            print(
-                f"[cl-fed] stage {t + 1}/{len(stages)} {stages[t]} round {r + 1}/{cfg.rounds_per_stage}: "
-                f"{len(entry['clients_used'])} sites used, {len(entry['clients_dropped'])} dropped, "
-                f"loss {entry['loss'] if entry['loss'] is not None else float('nan'):.3f}"
-                f"{', merged into the base' if entry['merged'] else ''}"
-                f"{privacy_line(record.privacy) if cfg.dp_noise else ''}",
-                flush=True,
-            )
-            last = r == cfg.rounds_per_stage - 1
-            if not last:
-                save_checkpoint(run_dir / "checkpoint.pt", state, record, (t, r + 1))
-                crash_if_injected(server_round)
-        record.after_stage.append(evaluate(stages[t]))
+
+    def train(step: Train) -> dict | None:
+        tick = time.perf_counter()
+        sync.update(state.weights)
+        adapter = start_adapter(step, state.adapter, shapes) if strategy.lora else None
+        arrays = ArrayRecord()
+        if adapter is not None:
+            arrays = ArrayRecord(with_zero_residual(adapter, state.weights) if rule == "exact" else adapter)
+        messages = strategy.configure_train(step.server_round, arrays, ConfigRecord(P.train_config(step)), grid)
+        timeout = cfg.round_timeout + (120 if step.server_round == 1 else 0)  # first round: workers start
+        replies = grid.send_and_receive(messages, timeout=timeout)
+        aggregated, _ = strategy.aggregate_train(step.server_round, replies)
+        entry = {**strategy.round_log, "stage": step.stage, "round": step.round, "stage_name": stages[step.stage],
+                 "seconds": round(time.perf_counter() - tick, 3), "merged": False}
+        entry["loss"] = (sum(x * n for x, n in zip(entry["losses"], entry["num_examples"]))
+                         / max(sum(entry["num_examples"]), 1)) if entry["losses"] else None
+        record.rounds.append(entry)
+        if cfg.dp_noise:
+            record.privacy = privacy_now(cfg, record.rounds)
+        print(f"[cl-fed] stage {step.stage + 1}/{len(stages)} {stages[step.stage]} round "
+              f"{step.round + 1}/{cfg.rounds_per_stage}: {len(entry['clients_used'])} sites used, "
+              f"{len(entry['clients_dropped'])} dropped, loss "
+              f"{entry['loss'] if entry['loss'] is not None else float('nan'):.3f}"
+              f"{privacy_line(record.privacy) if cfg.dp_noise else ''}", flush=True)
+        return aggregated.to_torch_state_dict() if aggregated is not None else None
+
+    def merged(step: Merge) -> None:
+        record.rounds[-1]["merged"], record.rounds[-1]["pooled"] = step.commit, True
+        if step.commit:
+            print(f"[cl-fed] stage {step.stage + 1} round {step.round + 1}: merged into the base", flush=True)
+
+    def after_stage(step: Evaluate) -> None:
+        record.after_stage.append(evaluate(step.label))
         wers = record.after_stage[-1].wer
-        print(
-            f"[cl-fed] after {stages[t]}: WER " + ", ".join(f"{k} {v:.1f}" for k, v in wers.items()),
-            flush=True,
-        )
-        save_checkpoint(run_dir / "checkpoint.pt", state, record, (t + 1, 0))
-        crash_if_injected(server_round)
+        print(f"[cl-fed] after {step.label}: WER " + ", ".join(f"{k} {v:.1f}" for k, v in wers.items()), flush=True)
+
+    def save(step, index: int) -> None:
+        save_checkpoint(checkpoint, state, record, index, optimizer_state(strategy))
+        crash_if_injected(record.rounds[-1]["server_round"] if record.rounds else 0)
+
+    walk(plan, state, scale=scale, mode=cfg.merge, train=train, evaluate=after_stage, checkpoint=save,
+         merged=merged, start=next_step)
     record.wall_seconds += time.perf_counter() - start
-    speech.model.load_state_dict(state.base)
-    speech.save(run_dir / "model")
+    record.base_checksum = state_checksum(state.base)
+    if strategy.lora or cfg.strategy == "fedavg":
+        speech.model.load_state_dict(state.evaluated(scale))
+    speech.save(run_dir / "model")  # the model the last evaluation scored (local: the starting base)
     record.write(run_dir)
     print(f"[cl-fed] results: {(run_dir / 'results.json').resolve()}", flush=True)
-
-
-def fresh_adapter(speech, spec, seed: int) -> dict:
-    """The adapter a site's reset_adapters(seed) draws, drawn by the same code on the server's model
-    (which evaluates without LoRA, so the adapter is detached again)."""
-    probe = attach_lora(speech.model, spec, seed=seed)
-    try:
-        return adapter_state(probe)
-    finally:
-        speech.model = probe.unload()
+    return run_dir
 
 
 def privacy_now(cfg: RunConfig, rounds: list[dict]) -> dict:
@@ -194,46 +198,38 @@ def crash_if_injected(server_round: int) -> None:
         raise InjectedCrash(f"injected server crash after round {server_round} (checkpoint written)")
 
 
-def federated_evaluation(grid, strategy, label, stages, adapters, weights, cfg) -> Evaluation:
+def federated_evaluation(grid, strategy, label, stages, weights, cfg) -> Evaluation:
     """Each site scores the model on its share of every test set and returns error counts only.
 
-    A site that fails (for example because its base was not the one assumed) is asked once more
-    with the full base, so one stale site does not leave a test set unscored."""
+    The model is `weights` (the server's evaluated model), sent as the site's training weights plus
+    the tensors that differ (EVALUATED); a `local` site scores its own state. A site that fails (for
+    example because its weights were not the ones assumed) is asked once more with everything."""
     test_names = list(stages)
+    current = strategy.sync.weights
+    evaluated = {k: v for k, v in weights.items() if v is not current[k] and not torch.equal(v, current[k])}
 
     def message(node: int) -> Message:
-        sync, records = strategy.sync_records(node)  # may itself be a merge instruction: keep it whole
-        if adapters:
-            records["pending"] = ArrayRecord(stack(adapters))
-        config = ConfigRecord(
-            {
-                **sync,
-                "pending-count": len(adapters),
-                "pending-weights": list(weights) or [0.0],
-                "test-sets": test_names,
-                "stage": strategy.stage,
-            }
-        )
-        return Message(
-            content=RecordDict({**records, "config": config}),
-            message_type=MessageType.EVALUATE,
-            dst_node_id=node,
-        )
+        fields, records = strategy.sync_records(node)
+        if evaluated and cfg.strategy != "local":
+            records[P.EVALUATED] = ArrayRecord(evaluated)
+        config = ConfigRecord({**fields, P.TEST_SETS: test_names})
+        return Message(content=RecordDict({**records, P.CONFIG: config}), message_type=MessageType.EVALUATE,
+                       dst_node_id=node)
 
     totals: dict[str, float] = {}
     nodes = list(grid.get_node_ids())
-    for attempt in range(2):
+    for _attempt in range(2):
         failed = []
         for reply in grid.send_and_receive([message(node) for node in nodes], timeout=cfg.round_timeout):
             node = reply.metadata.src_node_id
             if reply.has_error():
-                print(
-                    f"[cl-fed] evaluation failed on node {node}: {last_line(reply.error.reason)}", flush=True
-                )
-                strategy.state.node_base.pop(node, None)  # next time: the full base
+                print(f"[cl-fed] evaluation failed on node {node}: {last_line(reply.error.reason)}", flush=True)
+                strategy.sync.nodes.pop(node, None)  # next time: everything
                 failed.append(node)
                 continue
-            for key, value in reply.content["metrics"].items():
+            if cfg.strategy != "local":
+                strategy.sync.nodes[node] = strategy.sync.checksum
+            for key, value in reply.content[P.METRICS].items():
                 totals[key] = totals.get(key, 0) + value
         nodes = failed
         if not nodes:
@@ -243,6 +239,6 @@ def federated_evaluation(grid, strategy, label, stages, adapters, weights, cfg) 
         n = totals.get(f"{name}:{total}", 0)
         return 100.0 * totals.get(f"{name}:{errors}", 0) / n if n else float("nan")  # no site scored it
 
-    wer = {s: rate("word-errors", "words", s) for s in test_names}
-    cer = {s: rate("char-errors", "chars", s) for s in test_names}
+    wer = {s: rate(P.WORD_ERRORS, P.WORDS, s) for s in test_names}
+    cer = {s: rate(P.CHAR_ERRORS, P.CHARS, s) for s in test_names}
     return Evaluation(label=label, wer=wer, cer=cer, predictions=[])

@@ -3,8 +3,11 @@
     python -m simulations.report runs/sweeps/default [--out DIR]
 
 Runs that differ only in their seed form one row (mean and sample standard deviation over seeds).
+Intransigence pairs every continual run with the joint-training run (strategy "joint") of the same
+scenario and seed found anywhere under the folder; n/a where there is none.
 Writes into the sweep folder (or --out):
-    comparison.md, comparison.csv   AWER, BWT, forgetting, FWT, new-stage WER, bytes, wall time
+    comparison.md, comparison.csv   AWER, BWT, forgetting, FWT (and its definition), new-stage WER,
+                                    intransigence, bytes, wall time
     heatmaps.png                    the mean WER matrix of every row (after stage i, test set j)
     forgetting_curves.png           WER on each stage's test set after every stage, per row
     wer_vs_bytes.png                AWER against bytes communicated (federated rows)
@@ -26,14 +29,17 @@ from pathlib import Path
 
 from cl_fed.config import DEFAULTS, make_config
 from cl_fed.io import atomic_write_bytes, atomic_write_text
+from cl_fed.metrics import FWT_INITIAL, intransigence
 
-# (key, column title, source): source is a metrics key or a results.json top-level key
+# (key, column title, source): source is a metrics key, "derived" (computed here from results.json),
+# "paired" (computed against the run's joint-training reference) or a results.json top-level key
 COLUMNS = [
     ("awer", "AWER", "metrics"),
     ("bwt", "BWT", "metrics"),
     ("forgetting", "Forgetting", "metrics"),
     ("fwt", "FWT", "metrics"),
     ("new_stage_wer", "New-stage WER", "metrics"),
+    ("intransigence", "Intransigence", "paired"),
     ("acer", "ACER", "derived"),
     ("foundation", "Base-domain WER", "derived"),
     ("epsilon", "DP ε", "derived"),
@@ -42,6 +48,7 @@ COLUMNS = [
     ("wall_seconds", "Wall time (s)", "results"),
 ]
 NOT_COMPARED = ("seed", "output-dir", "run-name", "resume", "allow-download", "round-timeout")
+MIXED = "mixed"  # a row whose seeds computed FWT under different definitions: not averaged
 
 
 @dataclass
@@ -68,6 +75,8 @@ class Row:
         for r in self.runs:
             if source == "metrics":
                 value = (r.get("metrics") or {}).get(key)
+            elif source == "paired":
+                value = r.get(f"_{key}")
             elif source == "derived":
                 value = derived(r, key)
             else:
@@ -76,8 +85,18 @@ class Row:
                 out.append(float(value) / 1e6 if key.startswith("bytes") else float(value))
         return out
 
+    def fwt_definition(self) -> str | None:
+        """The FWT definition every seed with an FWT used; MIXED where they differ; None if no FWT."""
+        definitions = {fwt_definition(r) for r in self.runs} - {None}
+        if not definitions:
+            return None
+        return definitions.pop() if len(definitions) == 1 else MIXED
+
     def stat(self, key: str, source: str) -> tuple[float | None, float | None]:
-        """Mean and sample standard deviation over seeds (None where undefined)."""
+        """Mean and sample standard deviation over seeds (None where undefined; FWT is never averaged
+        across different definitions)."""
+        if key == "fwt" and self.fwt_definition() == MIXED:
+            return None, None
         values = self.values(key, source)
         if not values:
             return None, None
@@ -111,8 +130,29 @@ def derived(results: dict, key: str) -> float | None:
     raise KeyError(key)
 
 
+def fwt_definition(results: dict) -> str | None:
+    """Which FWT a run's metrics hold ("single-task", "initial"), None without an FWT. Results written
+    before `fwt_definition` existed computed it from the initial base (no runner passed single-task
+    references), so that is what a missing key means."""
+    metrics = results.get("metrics") or {}
+    if metrics.get("fwt") is None:
+        return None
+    return metrics.get("fwt_definition", FWT_INITIAL) or FWT_INITIAL
+
+
+def is_joint(results: dict) -> bool:
+    return results.get("strategy") == "joint" or (results.get("schedule") or {}).get("mode") == "joint"
+
+
+def scenario_and_seed(results: dict) -> tuple[str, int]:
+    config = results.get("config") or {}
+    return Path(str(config.get("scenario"))).stem, config.get("seed", 0)
+
+
 def load_runs(folder: str | Path) -> tuple[list[dict], list[str]]:
-    """Every complete results.json under `folder` (one level of run folders); and what was left out."""
+    """Every complete results.json under `folder` (one level of run folders); and what was left out.
+    Each continual run is paired with its joint-training reference (`pair_with_joint`), searched in
+    the whole tree under `folder`."""
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder}: no such sweep folder")
@@ -130,7 +170,74 @@ def load_runs(folder: str | Path) -> tuple[list[dict], list[str]]:
         runs.append(data)
     if not runs:
         raise ValueError(f"{folder}: no complete runs (no */results.json with complete=true)")
-    return runs, skipped
+    references, unusable = find_joint_runs(folder, runs)
+    pair_with_joint(runs, references)
+    return runs, skipped + unusable
+
+
+def find_joint_runs(folder: Path, runs: list[dict]) -> tuple[list[dict], list[str]]:
+    """The complete joint-training runs among `runs` and in any results.json deeper under `folder`;
+    and the deeper joint results that could not be used."""
+    joint = [r for r in runs if is_joint(r)]
+    loaded = {Path(r["_dir"]).resolve() for r in runs}
+    unusable = []
+    for path in sorted(folder.rglob("results.json")):
+        if path.parent.resolve() in loaded or path.parent.parent == folder:
+            continue  # one level down: already loaded (or already reported as left out)
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as err:
+            unusable.append(f"{path}: unreadable ({err}), not searched for a joint reference")
+            continue
+        if not isinstance(data, dict) or not is_joint(data):
+            continue
+        if not data.get("complete"):
+            unusable.append(f"{path}: incomplete joint run, not used as a reference")
+            continue
+        data["_dir"] = str(path.parent)
+        joint.append(data)
+    return joint, unusable
+
+
+def pair_with_joint(runs: list[dict], joint_runs: list[dict]) -> None:
+    """Sets `_intransigence` (mean_j R[j][j] - joint[j], joint[j] = the joint run's WER on stage j) and
+    `_joint_reference` (the joint run's name) on every continual run whose scenario and seed have a
+    joint run with the same stages; None where there is none (or it cannot be scored). Where several
+    joint runs of that scenario and seed exist, the one whose config agrees on the most settings is
+    used; a tie is ambiguous and gives None (said in `_joint_note`)."""
+    by_key: dict[tuple[str, int], list[dict]] = {}
+    for joint in joint_runs:
+        by_key.setdefault(scenario_and_seed(joint), []).append(joint)
+    for run in runs:
+        run["_intransigence"] = run["_joint_reference"] = run["_joint_note"] = None
+        if is_joint(run):
+            continue
+        scenario, seed = scenario_and_seed(run)
+        candidates = [j for j in by_key.get((scenario, seed), []) if j["stages"] == run["stages"]]
+        if not candidates:
+            run["_joint_note"] = f"no joint run of scenario {scenario}, seed {seed}"
+            continue
+        if len(candidates) > 1:
+            scores = [_agreement(run["config"], j["config"]) for j in candidates]
+            best = max(scores)
+            candidates = [j for j, score in zip(candidates, scores) if score == best]
+            if len(candidates) > 1:
+                names = ", ".join(sorted(j["run_name"] for j in candidates))
+                run["_joint_note"] = f"ambiguous joint reference ({names})"
+                continue
+        joint = candidates[0]
+        run["_joint_reference"] = joint["run_name"]
+        try:
+            run["_intransigence"] = intransigence(run["wer_matrix"], joint["wer_matrix"][0])
+        except (ValueError, IndexError):  # an unscored (NaN) test set or a malformed matrix
+            run["_joint_note"] = f"intransigence against {joint['run_name']} is undefined"
+
+
+def _agreement(config: dict, joint_config: dict) -> int:
+    """How many result-changing settings two configs share (strategy and mode aside)."""
+    ignored = {*NOT_COMPARED, "strategy", "mode"}
+    a, b = comparable(config), comparable(joint_config)
+    return sum(1 for k in set(a) & set(b) if k not in ignored and a[k] == b[k])
 
 
 def group_runs(runs: list[dict]) -> list[Row]:
@@ -171,13 +278,23 @@ def _cell(mean, std, digits=1) -> str:
 
 
 def table_markdown(rows: list[Row]) -> str:
-    head = "| Run | Seeds | " + " | ".join(title for _, title, _ in COLUMNS) + " |"
-    lines = [head, "|---|---|" + "---|" * len(COLUMNS)]
+    titles = []
+    for key, title, _ in COLUMNS:
+        titles += [title, "FWT def."] if key == "fwt" else [title]
+    lines = ["| Run | Seeds | " + " | ".join(titles) + " |", "|---|---|" + "---|" * len(titles)]
     for row in rows:
-        cells = [
-            _cell(*row.stat(key, source), digits=2 if key.startswith("bytes") else 1)
-            for key, _, source in COLUMNS
-        ]
+        cells = []
+        for key, _, source in COLUMNS:
+            if key == "fwt":
+                definition = row.fwt_definition()
+                fwt = "mixed defs, not averaged" if definition == MIXED else _cell(*row.stat(key, source))
+                cells += [fwt, definition or "n/a"]
+            elif source == "paired" and 0 < len(row.values(key, source)) < len(row.runs):
+                # not every seed has a joint reference: say over how many the mean is
+                cell = _cell(*row.stat(key, source))
+                cells += [f"{cell} ({len(row.values(key, source))} of {len(row.runs)} seeds)"]
+            else:
+                cells += [_cell(*row.stat(key, source), digits=2 if key.startswith("bytes") else 1)]
         lines.append(f"| {row.label} | {','.join(map(str, row.seeds))} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -185,13 +302,43 @@ def table_markdown(rows: list[Row]) -> str:
 def table_csv(rows: list[Row]) -> str:
     out = io.StringIO()
     writer = csv.writer(out)
-    writer.writerow(["run", "seeds", *[f"{key}_{s}" for key, _, _ in COLUMNS for s in ("mean", "std")]])
+    head = []
+    for key, _, _ in COLUMNS:
+        head += [f"{key}_mean", f"{key}_std"] + (["fwt_definition"] if key == "fwt" else [])
+    writer.writerow(["run", "seeds", *head])
     for row in rows:
-        stats = [v for key, _, source in COLUMNS for v in row.stat(key, source)]
-        writer.writerow(
-            [row.label, " ".join(map(str, row.seeds)), *["" if v is None else f"{v:.6g}" for v in stats]]
-        )
+        cells = []
+        for key, _, source in COLUMNS:
+            cells += ["" if v is None else f"{v:.6g}" for v in row.stat(key, source)]
+            if key == "fwt":
+                cells.append(row.fwt_definition() or "")
+        writer.writerow([row.label, " ".join(map(str, row.seeds)), *cells])
     return out.getvalue()
+
+
+def table_notes(rows: list[Row]) -> list[str]:
+    """Footnotes: the FWT definitions used, and which joint run each intransigence is measured against."""
+    notes = [
+        "FWT def.: `initial` = mean_{j>=1} (initial[j] - R[j-1][j]), against the starting base (GEM); "
+        "`single-task` = mean_j (single_task[j] - R[j][j]), against models fine-tuned on one stage "
+        "alone. The two are different quantities: compare FWT only between rows of the same definition; "
+        "a row whose seeds used different ones says `mixed` and is not averaged.",
+        "",
+        "Intransigence = mean_j (R[j][j] - joint[j]), joint[j] = WER on stage j of the joint-training run "
+        "(same scenario and seed, anywhere under this folder); mean ± std over the seeds that have one.",
+    ]
+    for row in rows:
+        if row.joint:
+            continue
+        paired = [f"seed {s}: {r['_joint_reference']}" for s, r in _by_seed(row) if r.get("_joint_reference")]
+        missing = [f"seed {s}: {r['_joint_note']}" for s, r in _by_seed(row) if r.get("_joint_note")]
+        if paired or missing:
+            notes.append(f"- {row.label}: " + "; ".join(paired + missing))
+    return notes
+
+
+def _by_seed(row: Row) -> list[tuple[int, dict]]:
+    return sorted(((r["config"].get("seed", 0), r) for r in row.runs), key=lambda pair: pair[0])
 
 
 def _figure_bytes(fig) -> bytes:
@@ -273,10 +420,13 @@ How to read this: lower WER is better. AWER is the mean WER over every stage's t
 last stage; new-stage WER is the mean WER on each stage right after training on it (how well new
 speech is learnt); BWT is the mean of (WER right after learning a stage - WER at the end): negative
 means forgetting; forgetting is the mean rise of each earlier stage's WER from its best to the end;
-FWT is how much earlier stages lowered the WER of stages not yet trained, against the starting
-base. DP ε is the privacy budget of differentially private runs (at the δ in their results.json;
-n/a = no DP). ACER is AWER's character-level twin (it moves where WER is saturated near 100%); base-domain
-WER is the foundation test set (what the starting base was trained on) after the last stage. ± is the sample standard deviation over seeds. Bytes are all sites' uploads and the server's
+FWT is how much earlier stages lowered the WER of stages not yet trained (FWT def. says against
+what: the starting base, or single-task models); intransigence is how much worse each stage is learnt
+than by the joint-training upper bound (positive = worse; n/a = no joint run of that scenario and
+seed). DP ε is the privacy budget of differentially private runs (at the δ in their results.json;
+n/a = no DP). ACER is AWER's character-level twin (it moves where WER is saturated near 100%);
+base-domain WER is the foundation test set (what the starting base was trained on) after the last
+stage. ± is the sample standard deviation over seeds. Bytes are all sites' uploads and the server's
 broadcasts over the whole run; wall time is the server's. Single-site and joint rows send nothing.
 """
 
@@ -308,6 +458,8 @@ def write_report(folder: str | Path, out: str | Path | None = None) -> Path:
         f"Scenario(s): {', '.join(scenario)}; stages: {', '.join(rows[0].stages)}.",
         "",
         table,
+        *table_notes(rows),
+        "",
         HOW_TO_READ,
         "![WER matrices](heatmaps.png)",
         "",

@@ -11,7 +11,7 @@ from cl_fed.models.foundation import INFO_FILE, foundation_base, foundation_key
 from cl_fed.models.tiny import TinyFastConformer
 from cl_fed.train import TrainConfig
 
-BUDGET = TrainConfig(max_steps=25, batch_size=8, lr=3e-3, warmup_steps=5, schedule="constant")
+BUDGET = TrainConfig(max_steps=25, batch_size=8, lr=3e-3, warmup=0.2, schedule="constant")
 
 
 @pytest.mark.slow
@@ -44,7 +44,7 @@ def test_key_depends_on_everything_that_shapes_the_base():
     assert foundation_key(scenario, BUDGET, 1) != key
     assert (
         foundation_key(
-            scenario, TrainConfig(max_steps=26, batch_size=8, lr=3e-3, warmup_steps=5, schedule="constant"), 0
+            scenario, TrainConfig(max_steps=26, batch_size=8, lr=3e-3, warmup=0.2, schedule="constant"), 0
         )
         != key
     )

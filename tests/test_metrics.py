@@ -1,10 +1,12 @@
 """WER/CER scoring and the continual-learning metrics, checked against numbers worked out by hand."""
 
+import json
 import math
 
 import pytest
 
-from cl_fed.metrics import ErrorCounts, cer, continual_metrics, error_counts, wer
+from cl_fed.metrics import ErrorCounts, cer, continual_metrics, error_counts, intransigence, wer
+from cl_fed.results import Evaluation, RunRecord
 
 # ---- scoring -------------------------------------------------------------------------------------
 
@@ -90,12 +92,33 @@ def test_continual_metrics_by_hand():
 def test_fwt_prefers_single_task_reference():
     m = continual_metrics(R, initial=INITIAL, single_task=SINGLE_TASK)
     assert m["fwt"] == pytest.approx(((22 - 20) + (24 - 25) + (33 - 30)) / 3)
+    assert m["fwt_definition"] == "single-task"
+
+
+def test_fwt_definition_says_which_fwt():
+    assert continual_metrics(R, initial=INITIAL)["fwt_definition"] == "initial"
+    assert continual_metrics(R, single_task=SINGLE_TASK)["fwt_definition"] == "single-task"
+    assert continual_metrics(R)["fwt_definition"] is None
+    # one stage: FWT from the initial base needs a stage before, so it is undefined, and so is its definition
+    one = continual_metrics([[12.5]], initial=[40.0])
+    assert one["fwt"] is None and one["fwt_definition"] is None
+    assert continual_metrics([[12.5]], single_task=[20.0])["fwt_definition"] == "single-task"
+
+
+def test_intransigence_on_a_hand_matrix():
+    # diagonal 30, 20: stage 0 learnt 30 vs joint 25 (+5 worse), stage 1 20 vs joint 24 (4 better)
+    small = [[30.0, 90.0], [45.0, 20.0]]
+    assert intransigence(small, [25.0, 24.0]) == pytest.approx((5 + -4) / 2)
+    assert continual_metrics(small, joint=[25.0, 24.0])["intransigence"] == pytest.approx(0.5)
+    assert intransigence(R, JOINT) == pytest.approx((2 + 3 + 2) / 3)
+    with pytest.raises(ValueError, match="joint has 1 entries, expected 2"):
+        intransigence(small, [25.0])
 
 
 def test_optional_metrics_are_none_without_references():
     m = continual_metrics(R)
     assert m["fwt"] is None and m["intransigence"] is None
-    assert set(m) == {"awer", "new_stage_wer", "bwt", "forgetting", "fwt", "intransigence"}
+    assert set(m) == {"awer", "new_stage_wer", "bwt", "forgetting", "fwt", "fwt_definition", "intransigence"}
 
 
 def test_single_stage():
@@ -132,3 +155,76 @@ def test_bad_reference_vectors():
         continual_metrics(R, initial=[1.0, 2.0])
     with pytest.raises(ValueError, match=r"joint\[2\] = nan"):
         continual_metrics(R, joint=[1.0, 2.0, math.nan])
+
+
+# ---- the metrics a RunRecord writes into results.json --------------------------------------------
+
+STAGES = ["s0", "s1", "s2"]
+
+
+def record(matrix=R, initial=INITIAL, **references) -> RunRecord:
+    def evaluation(label, row):
+        wers = dict(zip(STAGES, row))
+        return Evaluation(label, wers, {k: v / 2 for k, v in wers.items()}, [])
+
+    return RunRecord(
+        run_name="toy-centralization-seed0",
+        strategy="centralization",
+        schedule={"centralize_every": 1},
+        config={"scenario": "toy", "seed": 0},
+        stages=STAGES,
+        initial=evaluation("initial", initial) if initial else None,
+        after_stage=[evaluation(stage, row) for stage, row in zip(STAGES, matrix)],
+        **references,
+    )
+
+
+def test_results_record_the_fwt_definition_both_ways():
+    plain = record().to_json()
+    assert plain["metrics"]["fwt_definition"] == "initial"
+    assert plain["metrics"]["fwt"] == pytest.approx(((80 - 60) + (90 - 65)) / 2)
+    assert plain["single_task_wer"] is None and plain["joint_wer"] is None
+    single = record(single_task_wer=SINGLE_TASK).to_json()
+    assert single["metrics"]["fwt_definition"] == "single-task"
+    assert single["metrics"]["fwt"] == pytest.approx(((22 - 20) + (24 - 25) + (33 - 30)) / 3)
+    assert single["single_task_wer"] == SINGLE_TASK
+    none = record(initial=None).to_json()
+    assert none["metrics"]["fwt"] is None and none["metrics"]["fwt_definition"] is None
+
+
+def test_results_carry_intransigence_given_a_joint_reference(tmp_path):
+    assert record().to_json()["metrics"]["intransigence"] is None
+    by_name = dict(zip(STAGES, JOINT))
+    for reference in (JOINT, by_name):  # in stage order, or keyed by stage name
+        data = record(joint_wer=reference).to_json()
+        assert data["metrics"]["intransigence"] == pytest.approx((2 + 3 + 2) / 3)
+        assert data["joint_wer"] == JOINT
+    path = record(joint_wer=JOINT).write(tmp_path / "run")
+    written = json.loads(path.read_text())
+    assert written["metrics"] == continual_metrics(R, initial=INITIAL, joint=JOINT)
+    assert "Intransigence" in (tmp_path / "run" / "report.md").read_text()
+
+
+def test_bad_joint_reference():
+    with pytest.raises(ValueError, match="joint_wer has 2 entries for 3 stages"):
+        record(joint_wer=[1.0, 2.0]).to_json()
+    with pytest.raises(ValueError, match=r"joint_wer has no WER for stage\(s\) \['s2'\]"):
+        record(joint_wer={"s0": 1.0, "s1": 2.0}).to_json()
+    # a joint test set nobody could score: intransigence undefined, the other metrics kept
+    m = record(joint_wer=[18.0, math.nan, 28.0]).to_json()["metrics"]
+    assert m["intransigence"] is None and m["awer"] == pytest.approx(35.0)
+
+
+def test_joint_run_metrics_have_every_key():
+    joint = RunRecord(
+        run_name="toy-joint-seed0",
+        strategy="joint",
+        schedule={"mode": "joint"},
+        config={"scenario": "toy", "seed": 0},
+        stages=STAGES,
+        after_stage=[Evaluation("joint", dict(zip(STAGES, JOINT)), dict(zip(STAGES, JOINT)), [])],
+        joint_wer=JOINT,
+    ).to_json()
+    assert set(joint["metrics"]) == set(continual_metrics(R))
+    assert joint["metrics"]["awer"] == pytest.approx(68 / 3)
+    assert joint["metrics"]["fwt_definition"] is None and joint["metrics"]["intransigence"] is None

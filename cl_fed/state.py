@@ -1,0 +1,131 @@
+"""The state a continual run carries between steps, at the server (or at a `local` site).
+
+    base      the committed base: what merges have consolidated so far
+    weights   the frozen weights the sites train on: the base plus this stage's folded residuals
+              (exact aggregation, cl_fed/aggregation.py); equal to `base` after every Merge
+    adapter   the factors the sites continue from (None: the next Train starts a fresh adapter)
+    pool      chunks waiting to be merged (centralize-every = K stages): each chunk is one stage's
+              (or round's) whole update, the dense ``delta`` of every adapted layer (merge=product,
+              exact) or its aggregated ``factors`` (merge=factors, averaged factor-wise across chunks
+              as FedIT does and the paper's centralize.py)
+
+`evaluated()` is the model every evaluation scores and `model/` saves: the base, plus the pool's
+average "as if merged now", plus a live adapter (fedavg-lora). Plain tensors, no peft, no Flower.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from cl_fed.aggregation import fold, split
+from cl_fed.centralize import base_key, factors_delta, lora_pairs, product_delta
+
+MODES = ("product", "factors")
+
+
+def adapter_update(adapter: dict[str, torch.Tensor], scale: float) -> dict[str, torch.Tensor]:
+    """{base weight key: s * B A} (float64) of one adapter."""
+    return {base_key(p): product_delta([a], [b], [1.0], scale) for p, (a, b) in lora_pairs(adapter).items()}
+
+
+@dataclass
+class ContinualState:
+    base: dict[str, torch.Tensor]
+    weights: dict[str, torch.Tensor]
+    adapter: dict[str, torch.Tensor] | None = None
+    pool: list[dict[str, torch.Tensor]] = field(default_factory=list)
+
+    @classmethod
+    def start(cls, base: dict[str, torch.Tensor]) -> ContinualState:
+        return cls(base=dict(base), weights=dict(base))
+
+    # ---- steps ------------------------------------------------------------------------------
+    def apply(self, rule: str, aggregated: dict[str, torch.Tensor]) -> None:
+        """An Aggregate step: fold the residuals, continue from the mean factors; or (rule
+        "weights") the averaged full model becomes base and weights."""
+        if rule == "weights":
+            self.base = dict(aggregated)
+            self.weights = dict(aggregated)
+            return
+        factors, residual = split(aggregated)
+        self.weights = fold(self.weights, residual)
+        self.adapter = {k: v.detach().to(torch.float32).clone() for k, v in factors.items()}  # as trained
+
+    def merge(self, scale: float, mode: str, commit: bool) -> None:
+        """A Merge step: the current update becomes a chunk of the pool; `commit` merges the pool."""
+        if mode not in MODES:
+            raise ValueError(f"merge mode {mode!r}; choose one of {', '.join(MODES)}")
+        if self.adapter is None:
+            raise ValueError("merge: no adapter to merge (no round was aggregated since the last merge)")
+        if mode == "product":
+            chunk = {f"delta/{k}": v for k, v in self.update(scale).items()}
+        else:
+            chunk = {f"factors/{k}": v.clone() for k, v in self.adapter.items()}
+        self.pool.append(chunk)
+        if commit:
+            self.base = fold(self.base, self.pool_update(scale))
+            self.pool = []
+        self.weights, self.adapter = dict(self.base), None
+
+    # ---- derived ------------------------------------------------------------------------------
+    def update(self, scale: float) -> dict[str, torch.Tensor]:
+        """This stage's whole update so far, dense per adapted layer (float64): the residuals
+        folded into `weights` plus s * B_bar A_bar of the current adapter."""
+        out = adapter_update(self.adapter, scale) if self.adapter is not None else {}
+        for key, tensor in self.weights.items():
+            if tensor is not self.base[key] and tensor.is_floating_point():
+                diff = tensor.to(torch.float64) - self.base[key].to(torch.float64)
+                out[key] = out[key].add_(diff) if key in out else diff
+        return out
+
+    def pool_update(self, scale: float) -> dict[str, torch.Tensor]:
+        """The pool's average as one dense update per adapted layer: the mean of the chunks' deltas
+        (each chunk weighs 1/len(pool)), or s * mean(B) mean(A) over the chunks' factors."""
+        if not self.pool:
+            return {}
+        if all(k.startswith("factors/") for chunk in self.pool for k in chunk):
+            adapters = [{k[len("factors/") :]: v for k, v in chunk.items()} for chunk in self.pool]
+            weights = [1.0 / len(adapters)] * len(adapters)
+            out = {}
+            for path in lora_pairs(adapters[0]):
+                pairs = [lora_pairs(a)[path] for a in adapters]
+                out[base_key(path)] = factors_delta([p[0] for p in pairs], [p[1] for p in pairs], weights, scale)
+            return out
+        out: dict[str, torch.Tensor] = {}
+        for chunk in self.pool:
+            for key, delta in chunk.items():
+                name = key[len("delta/") :]
+                out[name] = out[name].add_(delta) if name in out else delta.to(torch.float64).clone()
+        return {k: v.div_(len(self.pool)) for k, v in out.items()}
+
+    def evaluated(self, scale: float) -> dict[str, torch.Tensor]:
+        """The model an evaluation scores (and `model/` saves)."""
+        pending = self.pool_update(scale)
+        for key, delta in self.update(scale).items():
+            pending[key] = pending[key].add_(delta) if key in pending else delta
+        return fold(self.base, pending) if pending else dict(self.base)
+
+    # ---- persistence (safetensors: plain tensors, no pickle) -----------------------------------
+    def to_tensors(self) -> dict[str, torch.Tensor]:
+        out = {f"base/{k}": v for k, v in self.base.items()}
+        out.update({f"weights/{k}": v for k, v in self.weights.items() if v is not self.base[k]})
+        out.update({f"adapter/{k}": v for k, v in (self.adapter or {}).items()})
+        for i, chunk in enumerate(self.pool):
+            out.update({f"pool/{i}/{k}": v for k, v in chunk.items()})
+        return out
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor], has_adapter: bool) -> ContinualState:
+        def part(prefix: str) -> dict[str, torch.Tensor]:
+            return {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+        base = part("base/")
+        weights = {**base, **part("weights/")}
+        chunks = part("pool/")
+        pool = [
+            {k.split("/", 1)[1]: v for k, v in chunks.items() if k.split("/", 1)[0] == str(i)}
+            for i in range(len({k.split("/", 1)[0] for k in chunks}))
+        ]
+        return cls(base=base, weights=weights, adapter=part("adapter/") if has_adapter else None, pool=pool)
