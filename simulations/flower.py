@@ -77,6 +77,7 @@ def flwr_run(
     *,
     num_supernodes: int | None = None,
     cpus_per_client: int = 1,
+    simulation_cpus: int | None = None,
     env: dict | None = None,
     app_dir: Path | None = None,
     stream: bool = True,
@@ -87,7 +88,9 @@ def flwr_run(
 
     `superlink`: the name of a SuperLink connection in $FLWR_HOME/config.toml (a deployed
     federation, whose SuperNodes are already connected); None = the local simulation engine with
-    `num_supernodes` simulated sites (default: the run config's `sites`, else the scenario's)."""
+    `num_supernodes` simulated sites (default: the run config's `sites`, else the scenario's).
+    Simulation workers: `simulation_cpus` (default: all of the machine's) // `cpus_per_client`;
+    e.g. simulation_cpus=1 runs every site on one worker, one message after another."""
     overrides = dict(overrides or {})
     cfg = make_config(overrides)  # errors before anything starts
     app_dir = app_dir or project_root()
@@ -97,10 +100,10 @@ def flwr_run(
     else:
         if num_supernodes is None:
             num_supernodes = cfg.sites or len(load_scenario(cfg.scenario).sites)  # `sites`: the first N
-        command += [
-            "--federation-config",
-            f"num-supernodes={num_supernodes} client-resources-num-cpus={cpus_per_client}",
-        ]
+        federation = f"num-supernodes={num_supernodes} client-resources-num-cpus={cpus_per_client}"
+        if simulation_cpus is not None:  # the CPUs the backend (Ray) may use: fewer workers
+            federation += f" init-args-num-cpus={simulation_cpus}"
+        command += ["--federation-config", federation]
     if stream:
         command += ["--stream"]
     if overrides:

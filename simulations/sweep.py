@@ -72,10 +72,11 @@ def run_one(overrides: dict, mode: str, output_dir: Path) -> tuple[Path, bool]:
     if is_complete(directory):
         return directory, False
     if mode == "federated":
+        from server.checkpoint import CHECKPOINT
         from simulations.flower import flwr_run
         from simulations.superlink import private_superlink
 
-        if (directory / "checkpoint.pt").is_file():
+        if (directory / CHECKPOINT).is_file():
             overrides["resume"] = True  # a run interrupted midway goes on from its last round
         with private_superlink(Path(output_dir) / ".flower") as env:
             flwr_run(overrides, env=env)

@@ -46,6 +46,7 @@ from deploy.federation import (
     stop_run,
     submit_run,
 )
+from server.checkpoint import CHECKPOINT
 from simulations.flower import flwr_run, run_status, wait_for_run
 from simulations.superlink import free_port
 
@@ -119,7 +120,7 @@ def kill_server_after_round_one_and_resume(federation, config: dict) -> dict:
     resume=true to the same federation."""
     run_dir = Path(config["output-dir"]) / config["run-name"]
     run_id = submit_run(federation, config)
-    wait_for_file(run_dir / "checkpoint.pt", timeout=600)
+    wait_for_file(run_dir / CHECKPOINT, timeout=600)
     server = spawned_process(federation.processes["superlink"].pid, "flwr-serverapp", timeout=10)
     seen = {"killed": kill_tree(server.pid), "results_when_killed": (run_dir / "results.json").exists()}
     stop_run(federation, run_id)
@@ -192,6 +193,7 @@ def test_server_killed_after_a_round_resumes_to_the_same_results(deployment):
     assert resumed["initial_wer"] == whole["initial_wer"]
     assert [r["loss"] for r in resumed["rounds"]] == [r["loss"] for r in whole["rounds"]]
     assert killed["model"] == deployment["model"]  # the merged base, bit for bit
+    assert resumed["base_checksum"] and resumed["base_checksum"] == whole["base_checksum"]
     # the dead ServerApp's run was stopped; the SuperNodes, untouched, served the resumed run
     assert killed["killed_run"]["status"] == "finished:stopped", killed["killed_run"]
     assert killed["online_after"] == 2

@@ -10,10 +10,12 @@ from pathlib import Path
 
 import pytest
 
+from cl_fed import protocol as P
 from cl_fed.data.stream import StageStream
 from cl_fed.data.synth import generate
 from cl_fed.metrics import continual_metrics
 from cl_fed.results import recompute_matrices
+from server.checkpoint import CHECKPOINT
 from simulations.flower import FlowerRunError, flwr_run
 from simulations.superlink import private_superlink
 
@@ -102,7 +104,7 @@ def test_centralization_run_results_and_privacy(flower):
                             "num_batches_tracked",
                         )
                     )
-                    or record == "base"
+                    or record in (P.WEIGHTS, P.EVALUATED)  # model weights, under any name
                 ), key
         text = json.dumps(row["configs"]) + json.dumps(row["metrics"])
         assert not any(t in text for t in transcripts if len(t) > 8)
@@ -114,13 +116,21 @@ def test_resume_after_a_server_crash_equals_an_uninterrupted_run(flower):
     whole = run(flower, **{"run-name": "whole", **common})
     with pytest.raises(FlowerRunError):
         run(flower, faults={"stop-after-round": 1}, **{"run-name": "crashed", **common})
-    assert (whole.parent / "crashed" / "checkpoint.pt").is_file()
+    assert (whole.parent / "crashed" / CHECKPOINT).is_file()
     assert not (whole.parent / "crashed" / "results.json").exists()
     resumed = run(flower, **{"run-name": "crashed", "resume": True, **common})
     a = json.loads((whole / "results.json").read_text())
     b = json.loads((resumed / "results.json").read_text())
     assert a["wer_matrix"] == b["wer_matrix"] and a["cer_matrix"] == b["cer_matrix"]
     assert [r["loss"] for r in a["rounds"]] == [r["loss"] for r in b["rounds"]]
+    assert a["base_checksum"] and a["base_checksum"] == b["base_checksum"]
+    # fedavg-lora never merges: the saved model (base + live adapter) is where the runs could differ
+    from safetensors.torch import load_file
+
+    from cl_fed.continual import state_checksum
+
+    saved = [state_checksum(load_file(d / "model" / "model.safetensors")) for d in (whole, resumed)]
+    assert saved[0] == saved[1]
 
 
 def test_wrong_number_of_supernodes_is_a_clear_error(flower):
