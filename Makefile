@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.cl-fed-installed
 
-.PHONY: install demo test bench clean-cache
+.PHONY: install demo test test-fast lint bench clean-cache
 
 install: $(STAMP)
 
@@ -17,8 +17,15 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(PY) -m simulations.demo
 
-test: $(STAMP)
-	$(PY) -m pytest -q
+test: $(STAMP)  # everything, what CI runs: unit, in-process and real Flower processes
+	$(PY) -m pytest -q --durations=15
+
+test-fast: $(STAMP)  # unit and in-process tests, no real Flower processes (marker `slow` deselected)
+	$(PY) -m pytest -q -m "not slow"
+
+lint: $(STAMP)
+	$(PY) -m ruff format --check .
+	$(PY) -m ruff check .
 
 bench: $(STAMP)
 	$(PY) -m benchmarks.synthesis

@@ -198,10 +198,16 @@ def main(argv: list[str] | None = None) -> None:
         parser.add_argument(f"--{key}", default=None, help=f"default: {default!r}")
     parser.add_argument("--site", default="all", help="a site name, or 'all' to pool every site (default)")
     parser.add_argument("--quiet", action="store_true", help="no progress output")
+    parser.add_argument("--traceback", action="store_true", help="show the traceback of an error")
     args = vars(parser.parse_args(argv))
-    site, quiet = args.pop("site"), args.pop("quiet")
-    cfg = make_config({k: v for k, v in args.items() if v is not None}, source="command line")
-    run_single_site(cfg, site=site, progress=not quiet)
+    site, quiet, traceback = args.pop("site"), args.pop("quiet"), args.pop("traceback")
+    try:
+        cfg = make_config({k: v for k, v in args.items() if v is not None}, source="command line")
+        run_single_site(cfg, site=site, progress=not quiet)
+    except (ValueError, FileNotFoundError) as error:
+        if traceback:
+            raise
+        parser.exit(2, f"{parser.prog}: error: {error}\n")  # one line, what to fix
 
 
 if __name__ == "__main__":

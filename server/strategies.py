@@ -213,6 +213,10 @@ class FedAvgLora(ContinualStrategy):
 class FedAvgFull(ContinualStrategy):
     lora = False
 
+    def check_reply(self, arrays):
+        # integer buffers (BatchNorm's step counters) are checked for keys, shapes and finiteness like the rest
+        super().check_reply({k: v if v.is_floating_point() else v.to(torch.float64) for k, v in arrays.items()})
+
 
 class Local(ContinualStrategy):
     """Sites keep their own state; the server sends the starting base once and the plan's steps."""

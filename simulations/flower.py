@@ -143,7 +143,8 @@ def wait_for_run(run_id: str, env: dict, timeout: float | None = None, superlink
 
 
 def run_status(run_id: str, env: dict, superlink: str | None = None) -> dict:
-    """The run's entry in `flwr ls` (status, status details); `superlink`: a connection name, else the default."""
+    """The run's entry in `flwr ls` (status, status details); `superlink`: a connection name, else
+    the default."""
     done = subprocess.run(
         [
             str(BIN / "flwr"),

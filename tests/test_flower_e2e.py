@@ -89,7 +89,7 @@ def test_centralization_run_results_and_privacy(flower):
     }
     for row in audit:
         for record, arrays in row["arrays"].items():
-            for key, (dtype, shape) in arrays.items():
+            for key, (dtype, _shape) in arrays.items():
                 assert dtype in ("float32", "torch.float32", "int64", "torch.int64"), (key, dtype)
                 name = key.split("/", 1)[-1]
                 assert (

@@ -170,6 +170,7 @@ def federated_and_single(tmp_path, **overrides):
 
 def assert_same_run(fed, one):
     assert fed["complete"] and one["complete"]
+    assert all(r["clients_used"] and not r["clients_dropped"] for r in fed["rounds"])  # the site's update was used
     assert fed["wer_matrix"] == one["wer_matrix"] and fed["cer_matrix"] == one["cer_matrix"]
     assert fed["base_checksum"] == one["base_checksum"]
     assert [r["loss"] for r in fed["rounds"]] == [r["loss"] for r in one["rounds"]]

@@ -74,8 +74,12 @@ def test_unknown_site_and_strategy_are_clear_errors(tmp_path):
 
 
 def test_command_line_flags_are_the_run_config_keys(tmp_path, capsys):
-    with pytest.raises(ValueError, match="fedprox"):
+    with pytest.raises(SystemExit) as stop:
         main(["--scenario", "tiny", "--strategy", "fedprox"])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and "strategy='fedprox'" in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1  # one line that says what to fix
+    with pytest.raises(ValueError, match="warmup=2.0 is a fraction"):
+        main(["--scenario", "tiny", "--warmup", "2", "--traceback"])
     with pytest.raises(SystemExit):
         main(["--no-such-flag", "1"])
-    assert torch.get_num_threads() >= 1
