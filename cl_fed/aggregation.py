@@ -77,6 +77,12 @@ def with_zero_residual(adapter: dict[str, torch.Tensor], weights: dict[str, torc
     return out
 
 
+def start_arrays(rule: str, adapter: dict[str, torch.Tensor], weights: dict[str, torch.Tensor]) -> dict:
+    """A round's starting point in the key space of `rule`'s aggregate (what a Flower optimiser
+    measures the aggregate against)."""
+    return with_zero_residual(adapter, weights) if rule == "exact" else dict(adapter)
+
+
 def fold(weights: dict[str, torch.Tensor], residual: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Weights with each residual added (in float64, rounded to the weight's dtype once). Unchanged
     tensors are shared, not copied; a zero residual leaves the weight bit for bit as it was."""

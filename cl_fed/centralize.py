@@ -14,7 +14,6 @@ Deltas are computed in float64 and cast back to the base dtype once.
 from __future__ import annotations
 
 import math
-from collections import deque
 
 import torch
 
@@ -188,85 +187,6 @@ def average_adapters(
         total = sum(w * adapter[key].to(torch.float64) for w, adapter in zip(weights, adapters))
         average[key] = total.to(torch.float32)
     return average
-
-
-class AdapterPool:
-    """The paper's schedule: collect adapters for `size` chunks, then merge their average.
-
-    A chunk (a stage, or a round) contributes one group: every site's adapter with its weight.
-    `drain` gives each group the same total weight (the paper averages one adapter per chunk)
-    and, inside a group, the weights it came with. Adding beyond `size` drops the oldest group.
-    """
-
-    def __init__(self, size: int) -> None:
-        if not isinstance(size, int) or isinstance(size, bool) or size < 1:
-            raise ValueError(f"AdapterPool size must be a positive int, got {size!r}")
-        self.size = size
-        self._groups: deque[tuple[list[dict[str, torch.Tensor]], list[float]]] = deque(maxlen=size)
-
-    def __len__(self) -> int:
-        return len(self._groups)
-
-    @property
-    def full(self) -> bool:
-        return len(self._groups) == self.size
-
-    def add(
-        self,
-        adapters: dict[str, torch.Tensor] | list[dict[str, torch.Tensor]],
-        weights: float | list[float] = 1.0,
-    ) -> None:
-        """Add one chunk's adapters (a single adapter, or one per site with its weight)."""
-        if isinstance(adapters, dict):
-            adapters, weights = [adapters], [weights]
-        weights = [float(w) for w in weights]
-        if len(adapters) != len(weights) or not adapters:
-            raise ValueError(f"AdapterPool.add: {len(adapters)} adapters and {len(weights)} weights")
-        for weight in weights:
-            if not math.isfinite(weight) or weight < 0:
-                raise ValueError(f"AdapterPool.add: weight {weight!r} is not a finite number >= 0")
-        if sum(weights) == 0:
-            raise ValueError(f"AdapterPool.add: all {len(weights)} weights are 0")
-        # clones: a client's tensors may be reused or trained further after they are pooled
-        copies = [{k: t.detach().clone() for k, t in a.items()} for a in adapters]
-        self._groups.append((copies, weights))
-
-    def drain(self) -> tuple[list[dict[str, torch.Tensor]], list[float]]:
-        """(adapters, weights summing to 1), oldest first; the pool is empty afterwards."""
-        if not self._groups:
-            raise ValueError("AdapterPool.drain: the pool is empty")
-        adapters, weights = [], []
-        for group, group_weights in self._groups:
-            total = sum(group_weights)
-            adapters += group
-            weights += [w / total / len(self._groups) for w in group_weights]
-        self._groups.clear()
-        return adapters, weights
-
-    def pending(self) -> tuple[list[dict[str, torch.Tensor]], list[float]]:
-        """What `drain` would return, without emptying the pool (to evaluate "as if merged now")."""
-        groups = list(self._groups)
-        adapters, weights = self.drain()
-        self._groups.extend(groups)
-        return adapters, weights
-
-    def state_dict(self) -> dict:
-        """Plain data (torch.save-able) for a server checkpoint."""
-        return {
-            "size": self.size,
-            "groups": [([{k: t.clone() for k, t in a.items()} for a in g], list(w)) for g, w in self._groups],
-        }
-
-    def load_state_dict(self, state: dict) -> None:
-        if state.get("size") != self.size:
-            raise ValueError(
-                f"AdapterPool.load_state_dict: checkpoint size {state.get('size')!r}, pool size {self.size}"
-            )
-        if len(state["groups"]) > self.size:
-            raise ValueError(f"AdapterPool.load_state_dict: {len(state['groups'])} groups, size {self.size}")
-        self._groups.clear()
-        for adapters, weights in state["groups"]:
-            self.add(adapters, weights)
 
 
 def validate_adapter(

@@ -117,12 +117,15 @@ def train(msg: Message, context: Context) -> Message:
     if fault and fault["fault"] == "nan":
         update = {k: torch.full_like(v, float("nan")) for k, v in update.items()}
     if site.cfg.strategy == "local":  # the site is its own federation: apply the plan's next steps
+        if site.position >= step.server_round:
+            raise ValueError(f"site {site.name} (local) already holds round {site.position}, the server asks for "
+                             f"round {step.server_round}: a local run resumes only from its last round")
         plan = continual_plan(site.cfg, site.stream.stages)
         state = site.state
         for later in steps_after(plan, step):
             aggregated = aggregate(later.rule, [update], [1.0], site.scale) if isinstance(later, Aggregate) else None
             apply_step(state, later, aggregated, site.scale, site.cfg.merge)
-        site.set_state(state)
+        site.set_state(state, position=step.server_round)
         update = {}  # nothing leaves the site but its figures
     metrics = MetricRecord(
         {

@@ -50,6 +50,7 @@ class Site:
     state: ContinualState | None = None  # None until the server's first full sync
     checksum: str = ""  # of state.weights
     version: str = ""  # of the state file this object reflects
+    position: int = 0  # the last server round whose Train step this state includes (0: none)
 
     @property
     def lora(self) -> bool:
@@ -62,23 +63,26 @@ class Site:
     def shapes(self) -> dict[str, tuple]:
         return adapter_shapes(self.speech.model) if self.lora else {}
 
-    def set_state(self, state: ContinualState) -> None:
+    def set_state(self, state: ContinualState, position: int | None = None) -> None:
         """Replace and persist the state (atomically: a crash leaves the old state file whole)."""
         self.state, self.checksum, self.version = state, state_checksum(state.weights), uuid.uuid4().hex
-        meta = {"checksum": self.checksum, "version": self.version, "has_adapter": state.adapter is not None}
+        self.position = self.position if position is None else position
+        meta = {"checksum": self.checksum, "version": self.version, "has_adapter": state.adapter is not None,
+                "position": self.position}
         atomic_save_tensors(self.state_dir / STATE_FILE, state.to_tensors(), meta)
 
     def reload_if_changed(self) -> None:
         """Another worker or process may have advanced this site since this object was cached."""
         path = self.state_dir / STATE_FILE
         if not path.is_file():
-            self.state, self.checksum, self.version = None, "", ""
+            self.state, self.checksum, self.version, self.position = None, "", "", 0
             return
         if read_tensors_meta(path).get("version") == self.version:
             return
         tensors, meta = load_tensors(path)
         self.state = ContinualState.from_tensors(tensors, has_adapter=bool(meta.get("has_adapter")))
         self.checksum, self.version = str(meta["checksum"]), str(meta["version"])
+        self.position = int(meta.get("position", 0))
 
 
 _CACHE: dict[tuple, Site] = {}  # one built site per worker; its state is re-read when the file changed

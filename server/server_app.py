@@ -23,7 +23,7 @@ import torch
 
 from cl_fed import protocol as P
 from cl_fed.adapters import adapter_shapes, attach_lora
-from cl_fed.aggregation import with_zero_residual
+from cl_fed.aggregation import start_arrays
 from cl_fed.config import RunConfig, make_config
 from cl_fed.continual import (
     evaluate_weights,
@@ -111,8 +111,8 @@ def run_server(grid: Grid, run_config: dict) -> Path:
         load_optimizer_state(strategy, extra)
         print(f"[cl-fed] resuming {run_name} at plan step {next_step + 1}/{len(plan)}", flush=True)
     sync = WeightsSync(state.weights)
-    strategy.bind(cfg, shapes, scale, rule_for(cfg), sync)
     rule = rule_for(cfg)
+    strategy.bind(cfg, shapes, scale, rule, sync)
 
     def evaluate(label: str) -> Evaluation:
         weights = state.evaluated(scale)
@@ -129,9 +129,7 @@ def run_server(grid: Grid, run_config: dict) -> Path:
         tick = time.perf_counter()
         sync.update(state.weights)
         adapter = start_adapter(step, state.adapter, shapes) if strategy.lora else None
-        arrays = ArrayRecord()
-        if adapter is not None:
-            arrays = ArrayRecord(with_zero_residual(adapter, state.weights) if rule == "exact" else adapter)
+        arrays = ArrayRecord(start_arrays(rule, adapter, state.weights) if adapter is not None else {})
         messages = strategy.configure_train(step.server_round, arrays, ConfigRecord(P.train_config(step)), grid)
         timeout = cfg.round_timeout + (120 if step.server_round == 1 else 0)  # first round: workers start
         replies = grid.send_and_receive(messages, timeout=timeout)
@@ -227,8 +225,8 @@ def federated_evaluation(grid, strategy, label, stages, weights, cfg) -> Evaluat
                 strategy.sync.nodes.pop(node, None)  # next time: everything
                 failed.append(node)
                 continue
-            if cfg.strategy != "local":
-                strategy.sync.nodes[node] = strategy.sync.checksum
+            # it synced to the current weights (a `local` site: it runs its own state from now on)
+            strategy.sync.nodes[node] = strategy.sync.checksum
             for key, value in reply.content[P.METRICS].items():
                 totals[key] = totals.get(key, 0) + value
         nodes = failed

@@ -140,6 +140,7 @@ class ContinualStrategy(FedAvg):
         valid, errors = self._check_and_log_replies(replies, is_train=True, validate=False)
         used, dropped, updates, examples, losses, up = [], [], [], [], [], 0
         holds: dict[str, str] = {}  # site -> checksum of the weights it reports holding
+        lrs: list[float] = []  # each used site's mean LR multiplier
         for msg in errors:
             node = self.replying_node(msg)
             self.sync.nodes.pop(node, None)  # unknown now: send everything next time
@@ -173,6 +174,8 @@ class ContinualStrategy(FedAvg):
             updates.append(arrays)
             examples.append(n)
             losses.append(float(metrics[P.TRAIN_LOSS]))
+            lrs.append(float(metrics.get(P.LR_MEAN, float("nan"))))
+        self.round_log.update(lr_mean=sum(lrs) / len(lrs) if lrs else None)
         self.round_log.update(clients_used=used, clients_dropped=dropped, rows_skipped=skipped, losses=losses,
                               num_examples=examples, bytes_up=up, site_checksums=holds)
         self.sent = []

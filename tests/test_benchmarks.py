@@ -4,6 +4,8 @@ paths, print their tables, and the figures they compute are sane. No timing is a
 import math
 import re
 
+import pytest
+
 from torch import nn
 
 from benchmarks import bytes_per_round, centralize_speed
@@ -30,22 +32,31 @@ def test_centralize_speed_prints_rows_with_finite_ratios(capsys):
     assert [(r["mode"], r["clients"]) for r in rows] == [("product", 2), ("factors", 2)]
 
 
-def test_bytes_per_round_counts_the_lora_factors_and_prints_ratios(capsys):
+def test_bytes_per_round_counts_the_lora_factors_and_the_changed_weights(capsys):
     ratios = bytes_per_round.main(["--models", "tiny", "--sites", "3"])
     out = capsys.readouterr().out
-    # LoRA up = rank x (in + out) fp32 numbers per targeted Linear, counted independently here
+    # counted independently here: LoRA up = rank x (in + out) fp32 numbers per targeted Linear; the
+    # changed weights after a merge = that Linear's (out x in) fp32 weight; fedavg = the state dict
     speech = build_tiny(seed=0)
     model, rank = speech.model, speech.lora_rank
-    expected = sum(
-        4 * rank * (m.in_features + m.out_features)
+    targeted = [
+        m
         for name, m in model.named_modules()
         if isinstance(m, nn.Linear) and name.rsplit(".", 1)[-1] in LORA_TARGETS
-    )
-    lora_row = re.search(r"round after a merge .*? up\s+([0-9,]+) B .*? down\s+([0-9,]+) B", out)
-    assert lora_row, out
-    assert int(lora_row.group(1).replace(",", "")) == expected
-    assert int(lora_row.group(2).replace(",", "")) == 3 * expected  # the 3 merged sites' factors
-    assert "fedavg, full weights" in out and "target: >= 20x smaller" in out
+    ]
+    factors = sum(4 * rank * (m.in_features + m.out_features) for m in targeted)
+    layers = sum(4 * m.in_features * m.out_features for m in targeted)
+    everything = sum(v.numel() * v.element_size() for v in model.state_dict().values())
+
+    def row(label: str) -> tuple[int, int]:
+        found = re.search(rf"{label} .*? up\s+([0-9,]+) B .*? down\s+([0-9,]+) B", out)
+        assert found, out
+        return tuple(int(g.replace(",", "")) for g in found.groups())
+
+    assert row("fedavg, full weights") == (everything, everything)  # the tiny model freezes no parameter
+    assert row("round after a merge") == (factors, layers)  # no adapter: the round starts a fresh one
+    assert row("later round of a stage") == (factors, factors + layers)  # the adapter + the folded residual
+    assert "target: >= 20x smaller" in out
     printed = re.search(
         rf"ratio full / LoRA: up ({NUMBER})x, down after a merge ({NUMBER})x, "
         rf"down over a stage ({NUMBER})x, total over a stage ({NUMBER})x",
@@ -55,3 +66,4 @@ def test_bytes_per_round_counts_the_lora_factors_and_prints_ratios(capsys):
     values = [float(v) for v in printed.groups()]
     assert all(math.isfinite(v) and v > 1 for v in values), values  # LoRA is smaller in every case
     assert values[:3] == [round(r, 1) for r in ratios["tiny"]]
+    assert ratios["tiny"][1] == pytest.approx(everything / layers)

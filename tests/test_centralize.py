@@ -15,7 +15,6 @@ from cl_fed.adapters import (
 )
 from cl_fed.centralize import (
     MERGE_MODES,
-    AdapterPool,
     AdapterRejected,
     average_adapters,
     base_key,
@@ -151,66 +150,6 @@ def test_example_weights():
         example_weights([0, 0])
     with pytest.raises(ValueError, match=r"num_examples\[1\] = -2"):
         example_weights([3, -2])
-
-
-# ---- AdapterPool ---------------------------------------------------------------------------------
-
-
-def tagged(value: float) -> dict[str, torch.Tensor]:
-    return {"m.lora_A": torch.full((1, 2), value), "m.lora_B": torch.full((2, 1), value)}
-
-
-def test_pool_fills_drains_and_keeps_last_k():
-    pool = AdapterPool(3)
-    pool.add(tagged(1.0), 10)
-    pool.add(tagged(2.0), 30)
-    assert not pool.full and len(pool) == 2
-    pool.add(tagged(3.0), 60)
-    assert pool.full
-    adapters, weights = pool.drain()
-    assert [a["m.lora_A"][0, 0].item() for a in adapters] == [1.0, 2.0, 3.0]
-    assert weights == pytest.approx([1 / 3] * 3)  # one adapter per chunk: the plain average
-    assert len(pool) == 0 and not pool.full
-    for value in (1.0, 2.0, 3.0, 4.0):  # a fourth add drops the oldest
-        pool.add(tagged(value), 1)
-    adapters, weights = pool.drain()
-    assert [a["m.lora_A"][0, 0].item() for a in adapters] == [2.0, 3.0, 4.0]
-    assert weights == pytest.approx([1 / 3] * 3)
-    with pytest.raises(ValueError, match="empty"):
-        pool.drain()
-
-
-def test_pool_state_dict_round_trip(tmp_path):
-    pool = AdapterPool(3)
-    pool.add(tagged(1.0), 2)
-    pool.add(tagged(5.0), 6)
-    pool.add([tagged(7.0), tagged(8.0)], [1, 3])  # a chunk with two sites' adapters
-    torch.save(pool.state_dict(), tmp_path / "pool.pt")
-    restored = AdapterPool(3)
-    restored.load_state_dict(torch.load(tmp_path / "pool.pt"))
-    assert len(restored) == 3
-    assert restored.pending()[1] == pool.pending()[1] and len(restored) == 3  # pending keeps the pool
-    (got, got_w), (want, want_w) = restored.drain(), pool.drain()
-    # each chunk counts 1/3; inside the two-site chunk the weights 1:3 are kept
-    assert got_w == want_w == pytest.approx([1 / 3, 1 / 3, 1 / 12, 3 / 12])
-    assert all(torch.equal(g[k], w[k]) for g, w in zip(got, want) for k in w)
-    with pytest.raises(ValueError, match="checkpoint size 3, pool size 2"):
-        AdapterPool(2).load_state_dict(AdapterPool(3).state_dict())
-
-
-def test_pool_rejects_bad_size_and_weight_and_copies_tensors():
-    with pytest.raises(ValueError, match="positive int"):
-        AdapterPool(0)
-    pool = AdapterPool(2)
-    with pytest.raises(ValueError, match="weight -1"):
-        pool.add(tagged(1.0), -1)
-    adapter = tagged(1.0)
-    pool.add(adapter, 1)
-    adapter["m.lora_A"].fill_(9.0)  # later changes by the caller must not leak into the pool
-    (pooled,), _ = pool.drain()
-    assert torch.equal(pooled["m.lora_A"], torch.ones(1, 2))
-    with pytest.raises(ValueError, match="all 2 weights are 0"):
-        pool.add([tagged(1.0), tagged(2.0)], [0, 0])
 
 
 # ---- validate_adapter / state_bytes --------------------------------------------------------------
