@@ -125,8 +125,13 @@ def num_warmup_steps(warmup: float, span_steps: int) -> int:
 
 
 def _schedule_lambda(config: TrainConfig, span_steps: int) -> Callable[[int], float]:
-    """transformers' LR multiplier as a function of the span step (0 = the span's first optimizer step)."""
+    """transformers' LR multiplier as a function of the span step (0 = the span's first optimizer step).
+
+    transformers counts the first step as 0, whose warm-up LR is 0, and ends cosine and linear decay at
+    0 on step `span_steps`: so the span's step k runs at transformers' step k + 1 of a schedule one step
+    longer, and neither the first step (a one-step round would learn nothing) nor the last is wasted."""
     warmup = num_warmup_steps(config.warmup, span_steps)
+    span_steps += 1
     dummy = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)  # only to build the scheduler
     if config.schedule == "inverse_sqrt":
         scheduler = transformers.get_inverse_sqrt_schedule(dummy, num_warmup_steps=warmup)
@@ -136,7 +141,8 @@ def _schedule_lambda(config: TrainConfig, span_steps: int) -> Callable[[int], fl
         scheduler = transformers.get_linear_schedule_with_warmup(dummy, warmup, span_steps)
     else:
         scheduler = transformers.get_constant_schedule_with_warmup(dummy, warmup)
-    return scheduler.lr_lambdas[0]
+    schedule = scheduler.lr_lambdas[0]
+    return lambda k: schedule(k + 1)
 
 
 def lr_at(config: TrainConfig, step: int, span_steps: int) -> float:

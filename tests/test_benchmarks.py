@@ -5,7 +5,6 @@ import math
 import re
 
 import pytest
-
 from torch import nn
 
 from benchmarks import bytes_per_round, centralize_speed

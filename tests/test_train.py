@@ -125,7 +125,9 @@ def test_epochs_set_the_step_count(utterances):
 
 
 def transformers_lrs(schedule: str, warmup_steps: int, span: int) -> list[float]:
-    """The multipliers transformers' own scheduler gives an optimizer over `span` steps."""
+    """The multipliers transformers' own scheduler gives steps 1..span of a `span + 1`-step schedule
+    (its step 0 runs at LR 0 in warm-up, and cosine/linear reach 0 at their last step: both skipped)."""
+    span += 1
     optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
     name = {"constant": "constant_with_warmup"}.get(schedule, schedule)
     extra = {} if schedule in ("inverse_sqrt", "constant") else {"num_training_steps": span}
@@ -135,27 +137,30 @@ def transformers_lrs(schedule: str, warmup_steps: int, span: int) -> list[float]
         out.append(optimizer.param_groups[0]["lr"])
         optimizer.step()
         scheduler.step()
-    return out
+    return out[1:]
 
 
 def test_schedules_are_transformers_with_linear_warmup():
-    # transformers' convention: step k < W runs at k / W (the span's first step at 0), the peak at step W
+    # transformers' steps shifted by one: step k < W runs at (k + 1) / W, the peak at step W - 1, and
+    # the decay reaches 0 one step after the span (no step of a span runs at LR 0)
     def lrs(schedule: str, span: int, warmup: float = 0.1) -> list[float]:
         return [lr_at(TrainConfig(schedule=schedule, warmup=warmup), k, span) for k in range(span)]
 
-    inv = lrs("inverse_sqrt", 40)  # W = 4, timescale W: sqrt(W / k) from step W on
-    assert inv[:5] == [0.0, 0.25, 0.5, 0.75, 1.0]
-    assert inv[16] == pytest.approx(0.5) and inv[36] == pytest.approx(1 / 3)
-    cos = lrs("cosine", 20)  # W = 2, then half a cosine to 0 at step 20
-    assert cos[:3] == [0.0, 0.5, 1.0]
-    assert cos[11] == pytest.approx(0.5) and cos[19] == pytest.approx(0.5 * (1 + math.cos(math.pi * 17 / 18)))
-    lin = lrs("linear", 20)  # W = 2, then a straight line to 0 at step 20
-    assert lin[:3] == [0.0, 0.5, 1.0]
-    assert lin[11] == pytest.approx(0.5) and lin[19] == pytest.approx(1 / 18)
-    assert lrs("constant", 20) == [0.0, 0.5] + [1.0] * 18
+    inv = lrs("inverse_sqrt", 40)  # W = 4, timescale W: sqrt(W / (k + 1)) from step W - 1 on
+    assert inv[:4] == [0.25, 0.5, 0.75, 1.0]
+    assert inv[15] == pytest.approx(0.5) and inv[35] == pytest.approx(1 / 3)
+    cos = lrs("cosine", 20)  # W = 2, then half a cosine that would reach 0 at step 20
+    assert cos[:2] == [0.5, 1.0]
+    assert cos[10] == pytest.approx(0.5 * (1 + math.cos(math.pi * 9 / 19)))
+    assert cos[19] == pytest.approx(0.5 * (1 + math.cos(math.pi * 18 / 19))) and cos[19] > 0
+    lin = lrs("linear", 20)  # W = 2, then a straight line that would reach 0 at step 20
+    assert lin[:2] == [0.5, 1.0]
+    assert lin[10] == pytest.approx(10 / 19) and lin[19] == pytest.approx(1 / 19)
+    assert lrs("constant", 20) == [0.5] + [1.0] * 19
+    assert lrs("constant", 1) == [1.0]  # a one-step round learns (W = 1: the first step is the peak)
     # no warm-up: peak at once; inverse_sqrt then takes transformers' default timescale 10_000
     assert lrs("constant", 5, warmup=0) == [1.0] * 5
-    assert lrs("inverse_sqrt", 5, warmup=0) == pytest.approx([math.sqrt(1e4 / (1e4 + k)) for k in range(5)])
+    assert lrs("inverse_sqrt", 5, warmup=0) == pytest.approx([math.sqrt(1e4 / (1e4 + k + 1)) for k in range(5)])
     for schedule in SCHEDULES:
         for span, warmup in [(20, 0.1), (7, 0.3), (12, 0.0)]:
             expected = transformers_lrs(schedule, num_warmup_steps(warmup, span), span)
@@ -167,11 +172,11 @@ def test_warmup_is_a_fraction_of_the_span():
     assert num_warmup_steps(0.25, 12) == 3 and num_warmup_steps(1.0, 10) == 10
     assert num_warmup_steps(0.1, 3) == 1  # rounds to 0, but any warm-up is at least one step
     assert num_warmup_steps(0.0, 100) == 0
-    for span in (50, 100):  # warmup 0.2: the peak comes at step 10 of 50, step 20 of 100
+    for span in (50, 100):  # warmup 0.2: the peak comes at step 9 of 50, step 19 of 100
         config = TrainConfig(schedule="constant", warmup=0.2)
         peak = span // 5
-        assert lr_at(config, peak - 1, span) == pytest.approx(1 - 1 / peak)
-        assert lr_at(config, peak, span) == 1.0
+        assert lr_at(config, peak - 2, span) == pytest.approx(1 - 1 / peak)
+        assert lr_at(config, peak - 1, span) == 1.0
 
 
 @pytest.mark.parametrize("schedule", SCHEDULES)
@@ -184,7 +189,7 @@ def test_a_span_split_into_calls_gives_the_lr_sequence_of_one_call(utterances, s
 
     whole = call(max_steps=10)  # span_steps None: the span is this call's 10 steps
     assert whole == pytest.approx([lr_at(quick(schedule=schedule, warmup=0.3), k, 10) for k in range(10)])
-    assert whole[0] == 0.0 and max(whole) == pytest.approx(1.0)  # warm-up from 0 to the peak
+    assert 0 < whole[0] < 1 and max(whole) == pytest.approx(1.0)  # warm-up to the peak
     first = call(max_steps=4, span_steps=10)
     second = call(max_steps=6, span_steps=10, span_offset=4)
     assert first + second == whole  # exactly: the second call starts at span step 4
