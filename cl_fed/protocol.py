@@ -13,8 +13,9 @@ TRAIN message, server -> site
         SPAN_INDEX, SPAN_ROUNDS         the round's place in its LR schedule span (lr-span)
         WEIGHTS_CHECKSUM                the weights the site must train on (cl_fed.continual.state_checksum)
         SYNC                            how to get there: SYNC_NONE (it holds them) | SYNC_CHANGED (record
-                                        WEIGHTS holds the tensors that changed since SYNC_FROM) |
-                                        SYNC_FULL (record WEIGHTS holds every tensor)
+                                        WEIGHTS holds the operations the server applied since SYNC_FROM,
+                                        cl_fed.updates.to_tensors: low-rank factors of aggregates or dense
+                                        tensors) | SYNC_FULL (record WEIGHTS holds every tensor)
         SYNC_FROM                       the checksum SYNC_CHANGED applies to
         (and Flower's clipping-norm key when dp-noise > 0; see clients.client_app.clip_adapter_update)
     record WEIGHTS (ArrayRecord)        tensors of the weights, as SYNC says (absent for SYNC_NONE)

@@ -83,6 +83,7 @@ def run_single_site(cfg: RunConfig, site: str = "all", progress: bool = True) ->
     views = {s: stream.site(s) for s in sites}
 
     def train(step: Train) -> dict:
+        state.log.clear()  # no site to send the operations to
         data = [u for s in sites for u in views[s].enter(step.stage)]
         if not data:
             raise ValueError(f"stage {stages[step.stage]!r} has no training data for site(s) {sites}")

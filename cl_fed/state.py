@@ -11,6 +11,10 @@
 
 `evaluated()` is the model every evaluation scores and `model/` saves: the base, plus the pool's
 average "as if merged now", plus a live adapter (fedavg-lora). Plain tensors, no peft, no Flower.
+
+Every change to `weights` is made by replayable operations (cl_fed/updates.py), appended to `log`,
+so the server can send sites exactly what it applied: a low-rank factorisation of the round's
+residual, the merged adapter's s * B_bar and A_bar, or dense tensors where those are not smaller.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import torch
 
 from cl_fed.aggregation import fold, split
 from cl_fed.centralize import base_key, factors_delta, lora_pairs, product_delta
+from cl_fed.updates import apply_ops, fold_ops
 
 MODES = ("product", "factors")
 
@@ -36,6 +41,17 @@ class ContinualState:
     weights: dict[str, torch.Tensor]
     adapter: dict[str, torch.Tensor] | None = None
     pool: list[dict[str, torch.Tensor]] = field(default_factory=list)
+    log: list[dict[str, tuple]] = field(default_factory=list)  # operations applied to `weights` (not saved)
+
+    def _change_weights(self, ops: dict[str, tuple]) -> None:
+        if ops:
+            self.weights = apply_ops(self.weights, ops)
+            self.log.append(ops)
+
+    def _reset_weights_to_base(self) -> None:
+        changed = {k: ("set", self.base[k]) for k, v in self.weights.items() if v is not self.base[k]}
+        self._change_weights(changed)
+        self.weights = dict(self.base)  # share the base's tensors again
 
     @classmethod
     def start(cls, base: dict[str, torch.Tensor]) -> ContinualState:
@@ -46,11 +62,11 @@ class ContinualState:
         """An Aggregate step: fold the residuals, continue from the mean factors; or (rule
         "weights") the averaged full model becomes base and weights."""
         if rule == "weights":
-            self.base = dict(aggregated)
-            self.weights = dict(aggregated)
+            self._change_weights({k: ("set", v) for k, v in aggregated.items()})
+            self.base = dict(self.weights)
             return
         factors, residual = split(aggregated)
-        self.weights = fold(self.weights, residual)
+        self._change_weights(fold_ops(self.weights, residual))
         self.adapter = {k: v.detach().to(torch.float32).clone() for k, v in factors.items()}  # as trained
 
     def merge(self, scale: float, mode: str, commit: bool) -> None:
@@ -59,6 +75,14 @@ class ContinualState:
             raise ValueError(f"merge mode {mode!r}; choose one of {', '.join(MODES)}")
         if self.adapter is None:
             raise ValueError("merge: no adapter to merge (no round was aggregated since the last merge)")
+        if commit and not self.pool:  # merge the adapter into the weights it was trained on: rank r
+            ops = {}
+            for path, (a, b) in lora_pairs(self.adapter).items():
+                weight = self.weights[base_key(path)]
+                ops[base_key(path)] = ("lowrank", (scale * b.to(torch.float64)).to(weight.dtype), a.to(weight.dtype))
+            self._change_weights(ops)
+            self.base, self.adapter = dict(self.weights), None
+            return
         if mode == "product":
             chunk = {f"delta/{k}": v for k, v in self.update(scale).items()}
         else:
@@ -67,7 +91,8 @@ class ContinualState:
         if commit:
             self.base = fold(self.base, self.pool_update(scale))
             self.pool = []
-        self.weights, self.adapter = dict(self.base), None
+        self._reset_weights_to_base()
+        self.adapter = None
 
     # ---- derived ------------------------------------------------------------------------------
     def update(self, scale: float) -> dict[str, torch.Tensor]:

@@ -19,6 +19,7 @@ from flwr.clientapp.mod import fixedclipping_mod
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from cl_fed import protocol as P
+from cl_fed import updates
 from cl_fed.aggregation import aggregate
 from cl_fed.config import make_config
 from cl_fed.continual import start_adapter, train_round
@@ -73,7 +74,8 @@ def sync_weights(site: Site, msg: Message) -> None:
     if sync == P.SYNC_FULL:
         site.set_state(ContinualState.start(_tensors(msg.content[P.WEIGHTS])))
     elif sync == P.SYNC_CHANGED and site.state is not None and site.checksum == str(conf[P.SYNC_FROM]):
-        site.set_state(ContinualState.start({**site.state.weights, **_tensors(msg.content[P.WEIGHTS])}))
+        steps = updates.from_tensors(_tensors(msg.content[P.WEIGHTS]))
+        site.set_state(ContinualState.start(updates.replay(site.state.weights, steps)))
     if site.checksum != target:
         raise StaleBase(
             f"site {site.name}: holds weights {site.checksum[:12] or '(none)'}, message assumes "

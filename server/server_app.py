@@ -117,7 +117,8 @@ def run_server(grid: Grid, run_config: dict) -> Path:
     def evaluate(label: str) -> Evaluation:
         weights = state.evaluated(scale)
         if federated:
-            sync.update(state.weights)
+            sync.update(state.weights, state.log)
+            state.log.clear()
             return federated_evaluation(grid, strategy, label, stages, weights, cfg)
         return evaluate_weights(speech, weights, sets, label)
 
@@ -127,7 +128,8 @@ def run_server(grid: Grid, run_config: dict) -> Path:
 
     def train(step: Train) -> dict | None:
         tick = time.perf_counter()
-        sync.update(state.weights)
+        sync.update(state.weights, state.log)
+        state.log.clear()
         adapter = start_adapter(step, state.adapter, shapes) if strategy.lora else None
         arrays = ArrayRecord(start_arrays(rule, adapter, state.weights) if adapter is not None else {})
         messages = strategy.configure_train(step.server_round, arrays, ConfigRecord(P.train_config(step)), grid)

@@ -40,6 +40,7 @@ from flwr.serverapp.strategy import FedAdagrad, FedAdam, FedAvg, FedYogi
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from cl_fed import protocol as P
+from cl_fed import updates
 from cl_fed.aggregation import RESIDUAL, aggregate
 from cl_fed.centralize import AdapterRejected, example_weights, state_bytes, validate_adapter
 from cl_fed.config import RunConfig
@@ -51,22 +52,22 @@ log = logging.getLogger("cl_fed.server")
 
 class WeightsSync:
     """Which weights the sites must train on, and what each node needs to get there: nothing (it
-    holds them), the tensors that changed since the version it holds, or everything."""
+    holds them), the operations the server applied since the version it holds (cl_fed/updates.py:
+    low-rank factors of aggregates, or dense tensors), or everything."""
 
     def __init__(self, weights: dict[str, torch.Tensor]) -> None:
         self.weights, self.checksum = dict(weights), state_checksum(weights)
         self.previous: str | None = None
-        self.changed: dict[str, torch.Tensor] = {}
+        self.steps: list[dict[str, tuple]] = []  # the operations from `previous` to `checksum`
         self.nodes: dict[int, str] = {}  # node -> checksum it last reported holding
 
-    def update(self, weights: dict[str, torch.Tensor]) -> None:
+    def update(self, weights: dict[str, torch.Tensor], steps: list[dict[str, tuple]]) -> None:
+        """The weights now, and the operations applied to them since the last update."""
         checksum = state_checksum(weights)
         if checksum == self.checksum:
             return
-        self.changed = {
-            k: v for k, v in weights.items() if v is not self.weights[k] and not torch.equal(v, self.weights[k])
-        }
-        self.previous, self.weights, self.checksum = self.checksum, dict(weights), checksum
+        self.previous, self.steps = self.checksum, list(steps)
+        self.weights, self.checksum = dict(weights), checksum
 
     def records(self, node: int) -> tuple[dict, dict]:
         """(config fields, array records) that bring `node` to the current weights."""
@@ -76,7 +77,7 @@ class WeightsSync:
             return config, {}
         if held is not None and held == self.previous:
             config.update({P.SYNC: P.SYNC_CHANGED, P.SYNC_FROM: held})
-            return config, {P.WEIGHTS: ArrayRecord(self.changed)}
+            return config, {P.WEIGHTS: ArrayRecord(updates.to_tensors(self.steps))}
         config[P.SYNC] = P.SYNC_FULL
         return config, {P.WEIGHTS: ArrayRecord(self.weights)}
 

@@ -214,3 +214,46 @@ def test_fedadam_server_optimizer_runs_end_to_end(tmp_path):
     assert all(len(r["clients_used"]) == 2 for r in b["rounds"])
     assert a["base_checksum"] != b["base_checksum"]  # FedAdam's step is not the plain aggregate
     assert (adam / "checkpoint.safetensors").is_file()
+
+
+# ---- what travels: replayable weight updates ---------------------------------------------------
+def test_updates_are_low_rank_when_smaller_exact_and_replay_bit_for_bit():
+    from cl_fed import updates
+
+    g = torch.Generator().manual_seed(3)
+    weights = {"w": torch.randn(64, 48, generator=g), "b": torch.randn(64, generator=g)}
+    delta = torch.randn(64, 5, generator=g, dtype=torch.float64) @ torch.randn(5, 48, generator=g, dtype=torch.float64)
+    ops = updates.fold_ops(weights, {"w": delta, "b": torch.ones(64, dtype=torch.float64)})
+    assert ops["w"][0] == "lowrank" and ops["w"][1].shape == (64, 5)  # rank 5: 560 numbers instead of 3,072
+    assert ops["b"][0] == "set"  # a vector has no smaller factorisation
+    assert ops["w"][1].dtype == torch.float32  # what travels is what is applied
+    new = updates.apply_ops(weights, ops)
+    assert torch.allclose(new["w"].double(), weights["w"].double() + delta, atol=1e-5)
+    assert updates.fold_ops(weights, {"w": torch.zeros(64, 48, dtype=torch.float64)}) == {}
+    full = torch.randn(64, 48, generator=g, dtype=torch.float64)
+    assert updates.fold_ops(weights, {"w": full})["w"][0] == "set"  # full rank: dense is smaller
+    # a site replays the serialized operations onto the weights it holds: the same bits
+    steps = updates.from_tensors(updates.to_tensors([ops, updates.fold_ops(new, {"w": delta})]))
+    assert torch.equal(updates.replay(weights, steps)["w"], updates.apply_ops(new, updates.fold_ops(new, {"w": delta}))["w"])
+    threads = torch.get_num_threads()
+    one = updates.lowrank_product(ops["w"][1], ops["w"][2])
+    torch.set_num_threads(2)
+    assert torch.equal(updates.lowrank_product(ops["w"][1], ops["w"][2]), one)  # thread count does not change bits
+    torch.set_num_threads(threads)
+    with pytest.raises(ValueError, match="'x'"):
+        updates.apply_ops(weights, {"x": ("set", torch.zeros(1))})
+
+
+def test_the_round_residual_travels_as_a_low_rank_factorisation_of_the_aggregate():
+    scale = 2.0
+    w0 = {"l.weight": torch.randn(40, 30, generator=torch.Generator().manual_seed(5), dtype=torch.float64)}
+    state = ContinualState.start(w0)
+    sites = [{"l.lora_A": torch.randn(2, 30, dtype=torch.float64), "l.lora_B": torch.randn(40, 2, dtype=torch.float64)}
+             for _ in range(3)]
+    state.apply("exact", aggregate("exact", sites, [0.2, 0.3, 0.5], scale))
+    (op,) = state.log[0].values()
+    assert op[0] == "lowrank" and op[1].shape[1] <= 2 * 4  # rank <= (sites + 1) * r, below the dense 40 x 30
+    assert not any(torch.equal(op[1][:, :2], s["l.lora_B"]) for s in sites)  # not a site's own factor
+    state.merge(scale, "product", commit=True)
+    (merge_op,) = state.log[1].values()
+    assert merge_op[0] == "lowrank" and merge_op[1].shape == (40, 2)  # s * B_bar, A_bar

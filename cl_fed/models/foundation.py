@@ -30,7 +30,7 @@ from cl_fed.models.tiny import ENCODER_CONFIG, FEATURE_CONFIG, NAME, build_tiny
 from cl_fed.paths import cache_root
 from cl_fed.train import FeatureCache, TrainConfig, train_local
 
-FOUNDATION_VERSION = 1  # bump when training code changes what a cached base would contain
+FOUNDATION_VERSION = 2  # bump when training code changes what a cached base would contain
 INFO_FILE = "foundation.json"
 # Tuned on the default scenario (2,000 foundation utterances, ~1.7 h): see foundation.json for the
 # CER it reached. Cosine decay anneals to a sharper optimum than inverse-sqrt in a fixed budget.
