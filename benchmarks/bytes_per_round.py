@@ -4,17 +4,22 @@ Counted the way the Flower apps count them: the server's `bytes_down` is the siz
 ArrayRecord of a train message (server/strategies.py configure_train: the records of
 WeightsSync.records plus the adapter a round continues from), `bytes_up` the size of a reply's
 arrays, both with cl_fed.centralize.state_bytes. The server's state moves as the ServerApp moves it
-(cl_fed.state.ContinualState: apply the plan's aggregate, then merge), and WeightsSync sends a site
-that holds the previous version only the tensors that changed since:
+(cl_fed.state.ContinualState: apply the plan's aggregate, then merge), and a site that holds the
+previous version gets the operations the server applied since (cl_fed/updates.py, what
+ContinualState.log records and the ServerApp hands WeightsSync.update):
 
 - fedavg: up = every weight and buffer, in its own dtype (cl_fed.continual.train_round); down =
-  every tensor the round's average changed: all of them but the frozen parameters;
-- centralization: up = the LoRA factors; down, in the round after a merge, the changed weights: the
-  dense merged weights of the adapted layers (the round starts a fresh adapter, drawn from its seed:
-  no adapter is sent); in a later round of a stage, the averaged adapter plus the adapted layers'
-  weights the exact aggregate's residual was folded into (merge=product; with merge=factors, or a
-  single site, the residual is zero and only the adapter goes down). A site that joins or missed a
-  version gets every tensor instead, as under fedavg.
+  the averaged model as "set" tensors: every weight and buffer (the frozen ones too);
+- centralization: up = the LoRA factors; down, in a later round of a stage, the averaged adapter
+  plus the exact aggregate's residual as a low-rank factorisation (merge=product: rank up to
+  (sites + 1) x r per adapted layer, the sites' spans and the float32 rounding of the mean factors;
+  with merge=factors, or a single site, the residual is zero and only the adapter goes down); in
+  the round after a merge, the last round's residual factors plus the merged adapter's s * B_bar
+  and A_bar (the round starts a fresh adapter, drawn from its seed: no adapter is sent). A site
+  that joins or missed a version gets every tensor instead, as a new fedavg site does.
+The sites' adapters here are independent random draws. Sites whose factors differ by only ~0.1%
+(one more line of the table) show where the residual's low-rank form is lost: its float64
+rounding noise, of the size of the products that cancel, reads as rank and it goes dense.
 Whisper ties its output projection to the token embedding: the state dict, and so the apps'
 records, carry that matrix twice, and the full-weight figures here do too.
 
@@ -34,6 +39,7 @@ from flwr.app import ArrayRecord
 
 from benchmarks.models import MODELS, build, name_list
 from cl_fed import protocol as P
+from cl_fed import updates
 from cl_fed.adapters import adapter_shapes, attach_lora
 from cl_fed.aggregation import aggregate
 from cl_fed.centralize import example_weights, state_bytes
@@ -45,6 +51,7 @@ from server.strategies import ContinualStrategy, WeightsSync, build_strategy
 
 TARGETS = {"tiny": 20.0, "whisper-small": 50.0}
 NODE = 1  # the site measured
+CLOSE = 1e-3  # relative spread of the "close sites'" factors around one adapter
 
 
 def bound(cfg: RunConfig, weights: dict, shapes: dict, scale: float) -> ContinualStrategy:
@@ -74,10 +81,27 @@ def trained_factors(shapes: dict[str, tuple], seed: int) -> dict[str, torch.Tens
     return {k: 0.01 * torch.randn(tuple(shape), generator=generator) for k, shape in sorted(shapes.items())}
 
 
-def changed_since(sync: WeightsSync, weights: dict[str, torch.Tensor]) -> None:
-    """NODE trained on the current version (its reply says so), then the server moved to `weights`."""
+def close_factors(adapter: dict[str, torch.Tensor], sites: int, seed: int) -> list[dict[str, torch.Tensor]]:
+    """`sites` adapters within a relative CLOSE of `adapter` (sites that continued from one adapter)."""
+    generator = torch.Generator().manual_seed(seed)
+    return [
+        {k: v * (1 + CLOSE * torch.randn(v.shape, generator=generator)) for k, v in adapter.items()}
+        for _ in range(sites)
+    ]
+
+
+def moved(sync: WeightsSync, state: ContinualState) -> list[dict[str, tuple]]:
+    """NODE trained on the current version (its reply says so), then the server moved on: the
+    ServerApp hands WeightsSync the operations applied since (state.log) and clears them."""
+    steps = list(state.log)
     sync.nodes[NODE] = sync.checksum
-    sync.update(weights)
+    sync.update(state.weights, state.log)
+    state.log.clear()
+    return steps
+
+
+def lowrank_ranks(steps: list[dict[str, tuple]]) -> list[int]:
+    return [op[1].shape[1] for ops in steps for op in ops.values() if op[0] == "lowrank"]
 
 
 def measure(name: str, sites: int, stages: int) -> dict:
@@ -90,29 +114,45 @@ def measure(name: str, sites: int, stages: int) -> dict:
     base = {k: v.detach().clone() for k, v in probe.unload().state_dict().items()}
     names = [f"stage-{t}" for t in range(stages)]
 
-    # fedavg: the round's average changes every tensor training touches
+    # fedavg: the round's average (training changes every tensor but the frozen parameters) replaces
+    # the weights: "set" operations of every tensor the aggregate holds
     fedavg_cfg = make_config({"strategy": "fedavg"})
     fedavg = bound(fedavg_cfg, base, {k: tuple(v.shape) for k, v in base.items()}, 1.0)
-    changed_since(fedavg.sync, {k: v if k in frozen else v + 1 for k, v in base.items()})
+    state = ContinualState.start(base)
+    state.apply(fedavg.rule, {k: v.clone() if k in frozen else v + 1 for k, v in base.items()})
+    moved(fedavg.sync, state)
     full_step = next(s for s in continual_plan(fedavg_cfg, names) if isinstance(s, Train))
     full_down = sent_bytes(fedavg, full_step, None)
-    del fedavg
+    del fedavg, state
 
-    # centralization: stage 0, round 0 aggregated (exact: residual folded), a later round, the merge
+    # centralization: stage 0's first round aggregated (exact: the residual folded), the later round
+    # that continues from it; then that round aggregated and the merge, and the next stage's first round
     strategy = bound(cfg, base, shapes, spec.scale)
     steps = [s for s in continual_plan(cfg, names) if isinstance(s, Train)]
     later = next((s for s in steps if s.stage == 0 and s.round == 1), None) or replace(
         steps[0], round=1, start="continue"
     )
     after_merge = next((s for s in steps if s.stage == 1 and s.round == 0), None) or steps[0]
+    weights = example_weights([1] * sites)
     adapters = [trained_factors(shapes, seed=i) for i in range(sites)]
     state = ContinualState.start(base)
-    state.apply(strategy.rule, aggregate(strategy.rule, adapters, example_weights([1] * sites), spec.scale))
-    changed_since(strategy.sync, state.weights)
+    state.apply(strategy.rule, aggregate(strategy.rule, adapters, weights, spec.scale))
+    round_ops = moved(strategy.sync, state)
     adapter_down = sent_bytes(strategy, later, state.adapter)
+    second = [trained_factors(shapes, seed=sites + i) for i in range(sites)]
+    state.apply(strategy.rule, aggregate(strategy.rule, second, weights, spec.scale))
     state.merge(spec.scale, cfg.merge, commit=True)  # centralize-every=stage: merged after every stage
-    changed_since(strategy.sync, state.weights)
+    merge_ops = moved(strategy.sync, state)
     merge_down = sent_bytes(strategy, after_merge, None)
+
+    # the later round again, with sites close to one adapter (as sites that continued from one are)
+    close = bound(cfg, base, shapes, spec.scale)
+    state = ContinualState.start(base)
+    state.apply(
+        close.rule, aggregate(close.rule, close_factors(adapters[0], sites, seed=99), weights, spec.scale)
+    )
+    close_ops = moved(close.sync, state)
+    close_down = sent_bytes(close, later, state.adapter)
     adapted = {k.rsplit(".", 1)[0] + ".weight" for k in shapes}
     return dict(
         model=display,
@@ -123,12 +163,24 @@ def measure(name: str, sites: int, stages: int) -> dict:
         every=cfg.centralize_every,
         full_up=reply_bytes(full_reply),
         full_down=full_down,
+        frozen_bytes=state_bytes({k: base[k] for k in frozen}),
         lora_up=reply_bytes(adapters[0]),
         merge_down=merge_down,
         adapter_down=adapter_down,
+        residual_bytes=state_bytes(updates.to_tensors(round_ops)),
+        merge_bytes=state_bytes(updates.to_tensors(merge_ops[1:])),
+        residual_ranks=sorted(set(lowrank_ranks(round_ops) + lowrank_ranks(merge_ops[:1]))),
+        residual_dense=sum(op[0] == "set" for ops in round_ops + merge_ops[:1] for op in ops.values()),
+        merge_ranks=sorted(set(lowrank_ranks(merge_ops[1:]))),
+        close_down=close_down,
+        close_dense=sum(op[0] == "set" for ops in close_ops for op in ops.values()),
         adapted_layers=len(adapted),
         adapted_bytes=state_bytes({k: base[k] for k in adapted}),
     )
+
+
+def mib(size: float) -> str:
+    return f"{size / 2**20:.2f} MiB"
 
 
 def report(m: dict) -> list[float]:
@@ -147,13 +199,22 @@ def report(m: dict) -> list[float]:
     )
     rows = [
         ("fedavg, full weights", m["full_up"], m["full_down"]),
-        ("centralization, round after a merge (changed weights down)", m["lora_up"], m["merge_down"]),
-        ("centralization, later round of a stage (adapter + changed down)", m["lora_up"], m["adapter_down"]),
+        (
+            "centralization, round after a merge (residual + merged factors down)",
+            m["lora_up"],
+            m["merge_down"],
+        ),
+        (
+            "centralization, later round of a stage (adapter + residual factors down)",
+            m["lora_up"],
+            m["adapter_down"],
+        ),
         (f"centralization, mean over a stage's {rounds} rounds", m["lora_up"], stage_down),
+        (f"centralization, later round, sites' factors within {CLOSE:g}", m["lora_up"], m["close_down"]),
     ]
     for label, up, down in rows:
         print(
-            f"  {label:<66} up {up:>13,.0f} B ({up / 2**20:8.2f} MiB)  "
+            f"  {label:<74} up {up:>13,.0f} B ({up / 2**20:8.2f} MiB)  "
             f"down {down:>13,.0f} B ({down / 2**20:8.2f} MiB)"
         )
     ratios = [m["full_up"] / m["lora_up"], m["full_down"] / m["merge_down"], m["full_down"] / stage_down]
@@ -162,10 +223,24 @@ def report(m: dict) -> list[float]:
         f"down over a stage {ratios[2]:.1f}x, total over a stage "
         f"{(m['full_up'] + m['full_down']) / (m['lora_up'] + stage_down):.1f}x"
     )
+    residual = m["residual_bytes"]
+    ranks = "-".join(str(r) for r in (m["residual_ranks"][:1] + m["residual_ranks"][1:][-1:])) or "none"
     print(
-        f"  the changed weights are the {m['adapted_layers']} adapted layers' dense weights, "
-        f"{100 * m['adapted_bytes'] / m['full_down']:.1f}% of fedavg's download, whatever the number of sites"
+        f"  the residual: rank {ranks} on each of the {m['adapted_layers']} adapted layers "
+        f"(at most (sites + 1) x r = {(m['sites'] + 1) * spec.rank}), {m['residual_dense']} dense; "
+        f"{mib(residual)} = {100 * residual / m['adapted_bytes']:.1f}% of the layers' dense weights "
+        f"({mib(m['adapted_bytes'])}, what the changed tensors were)"
     )
+    print(
+        f"  the merge: s * B_bar and A_bar, rank {'-'.join(map(str, m['merge_ranks'])) or 'none'}: "
+        f"{mib(m['merge_bytes'])}, an adapter's size"
+    )
+    print(
+        f"  sites within {CLOSE:g}: {m['close_dense']} of {m['adapted_layers']} residuals travel dense "
+        f"(the float64 rounding of the products that cancel reads as rank, past the low-rank break-even)"
+    )
+    if m["frozen_bytes"]:
+        print(f"  fedavg's download includes the frozen parameters, unchanged: {mib(m['frozen_bytes'])}")
     target = TARGETS.get(m["key"])
     if target:
         print(f"  target: >= {target:.0f}x smaller; measured {min(ratios):.1f}x at worst (a download)")

@@ -45,9 +45,7 @@ def run(mode: str, utterances, cache: FeatureCache, args) -> None:
     if mode == "lora":
         spec = LoraSpec(speech.lora_rank, speech.lora_alpha, speech.lora_dropout, speech.lora_targets)
         speech.model = attach_lora(speech.model, spec, seed=0)
-    config = TrainConfig(
-        epochs=args.epochs, batch_size=args.batch_size, lr=1e-3, warmup=0.1, progress=False
-    )
+    config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=1e-3, warmup=0.1, progress=False)
     if args.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     resident_before = current_rss_mib()

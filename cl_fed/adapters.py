@@ -97,7 +97,9 @@ def adapter_shapes(peft_model: peft.PeftModel, adapter_name: str = DEFAULT_ADAPT
 
 def reset_adapters(peft_model: peft.PeftModel, seed: int, adapter_name: str = DEFAULT_ADAPTER) -> None:
     """Fresh adapter (`fresh_factors`) written into the model."""
-    load_adapter_state(peft_model, fresh_factors(adapter_shapes(peft_model, adapter_name), seed), adapter_name)
+    load_adapter_state(
+        peft_model, fresh_factors(adapter_shapes(peft_model, adapter_name), seed), adapter_name
+    )
 
 
 def attach_lora(model: nn.Module, spec: LoraSpec, seed: int) -> peft.PeftModel:

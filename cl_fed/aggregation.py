@@ -91,7 +91,8 @@ def fold(weights: dict[str, torch.Tensor], residual: dict[str, torch.Tensor]) ->
         if key not in weights:
             raise ValueError(f"residual for {key!r}, which the weights do not have")
         if tuple(update.shape) != tuple(weights[key].shape):
-            raise ValueError(f"residual for {key!r} has shape {tuple(update.shape)}, "
-                             f"weight {tuple(weights[key].shape)}")
+            raise ValueError(
+                f"residual for {key!r} has shape {tuple(update.shape)}, weight {tuple(weights[key].shape)}"
+            )
         out[key] = (weights[key].to(torch.float64) + update.to(torch.float64)).to(weights[key].dtype)
     return out

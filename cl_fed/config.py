@@ -67,8 +67,16 @@ IGNORED_BY = {
     "centralization": ("full-lr",),
     "local": ("full-lr", "server-optimizer", "server-lr"),
     "fedavg-lora": ("full-lr", "merge", "centralize-every"),
-    "fedavg": ("lr", "merge", "centralize-every", "lora-rank", "lora-alpha", "lora-dropout",
-               "server-optimizer", "server-lr"),
+    "fedavg": (
+        "lr",
+        "merge",
+        "centralize-every",
+        "lora-rank",
+        "lora-alpha",
+        "lora-dropout",
+        "server-optimizer",
+        "server-lr",
+    ),
 }
 LR_SCHEDULES = ("inverse_sqrt", "cosine", "linear", "constant")
 LR_SPANS = ("stage", "round")
@@ -206,8 +214,11 @@ def make_config(overrides: dict | None = None, *, source: str = "run config") ->
     for key in ("lora-rank", "lora-alpha"):
         if values[key] < 0:
             raise ValueError(f"{source}: {key}={values[key]!r} must be >= 1 (or 0 for the model's default)")
-    for key, allowed in (("lr-schedule", LR_SCHEDULES), ("lr-span", LR_SPANS),
-                         ("server-optimizer", SERVER_OPTIMIZERS)):
+    for key, allowed in (
+        ("lr-schedule", LR_SCHEDULES),
+        ("lr-span", LR_SPANS),
+        ("server-optimizer", SERVER_OPTIMIZERS),
+    ):
         if values[key] not in allowed:
             raise ValueError(f"{source}: {key}={values[key]!r}; choose one of {', '.join(allowed)}")
     if not 0.0 <= cfg.warmup < 1.0:
@@ -218,11 +229,15 @@ def make_config(overrides: dict | None = None, *, source: str = "run config") ->
     if not cfg.server_lr > 0:
         raise ValueError(f"{source}: server-lr={cfg.server_lr!r} must be > 0")
     if cfg.server_optimizer != "none" and cfg.strategy not in ("centralization", "fedavg-lora"):
-        raise ValueError(f"{source}: server-optimizer={cfg.server_optimizer!r} acts on the aggregated LoRA "
-                         f"update; strategy={cfg.strategy!r} has none (use centralization or fedavg-lora)")
+        raise ValueError(
+            f"{source}: server-optimizer={cfg.server_optimizer!r} acts on the aggregated LoRA "
+            f"update; strategy={cfg.strategy!r} has none (use centralization or fedavg-lora)"
+        )
     if cfg.server_optimizer != "none" and cfg.dp_noise:
-        raise ValueError(f"{source}: server-optimizer={cfg.server_optimizer!r} with dp-noise: the optimiser "
-                         "would act on the noised mean outside the accountant's view; use one of them")
+        raise ValueError(
+            f"{source}: server-optimizer={cfg.server_optimizer!r} with dp-noise: the optimiser "
+            "would act on the noised mean outside the accountant's view; use one of them"
+        )
     if not 0.0 < cfg.fraction_train <= 1.0:
         raise ValueError(f"{source}: fraction-train={cfg.fraction_train!r} must be in (0, 1]")
     check_privacy(cfg, source)

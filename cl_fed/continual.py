@@ -130,8 +130,10 @@ def train_round(
         speech.model.load_state_dict(weights)
     else:
         load_base_state(speech.model, weights)
-        load_adapter_state(speech.model, adapter if adapter is not None else
-                           fresh_factors(adapter_shapes(speech.model), step.seed))
+        load_adapter_state(
+            speech.model,
+            adapter if adapter is not None else fresh_factors(adapter_shapes(speech.model), step.seed),
+        )
     result = train_local(speech, data, train_config(cfg, step, len(data), progress=progress))
     if step.start == "full":
         update = {k: v.detach().to("cpu").clone() for k, v in speech.model.state_dict().items()}

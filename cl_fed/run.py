@@ -50,8 +50,10 @@ def run_single_site(cfg: RunConfig, site: str = "all", progress: bool = True) ->
         )
     refuse_privacy(cfg)
     if cfg.server_optimizer != "none":
-        raise ValueError(f"server-optimizer={cfg.server_optimizer!r} is a federated server's optimiser; "
-                         "the single-site runner has none (use flwr run)")
+        raise ValueError(
+            f"server-optimizer={cfg.server_optimizer!r} is a federated server's optimiser; "
+            "the single-site runner has none (use flwr run)"
+        )
     start = time.perf_counter()
     scenario, stream = prepare_data(cfg, progress=progress)
     stages = stream.stages
@@ -76,8 +78,11 @@ def run_single_site(cfg: RunConfig, site: str = "all", progress: bool = True) ->
         config={**cfg.to_dict(), "site": site},
         stages=stages,
     )
-    _say(progress, f"[cl-fed] single site ({site}): {len(stages)} stages, strategy {cfg.strategy}; "
-                   f"evaluating the starting base on {len(sets)} test sets")
+    _say(
+        progress,
+        f"[cl-fed] single site ({site}): {len(stages)} stages, strategy {cfg.strategy}; "
+        f"evaluating the starting base on {len(sets)} test sets",
+    )
     state = ContinualState.start({k: v.detach().clone() for k, v in evaluator.model.state_dict().items()})
     record.initial = evaluate_weights(evaluator, state.evaluated(scale), sets, "initial")
     views = {s: stream.site(s) for s in sites}
@@ -90,22 +95,34 @@ def run_single_site(cfg: RunConfig, site: str = "all", progress: bool = True) ->
         adapter = start_adapter(step, state.adapter, shapes)
         update, result = train_round(trainer, data, cfg, step, state.weights, adapter, progress=progress)
         record.rounds.append(round_entry(step, stages, result, [site]))
-        _say(progress, f"[cl-fed] stage {step.stage + 1}/{len(stages)} {stages[step.stage]} round "
-                       f"{step.round + 1}/{cfg.rounds_per_stage}: loss {result.loss:.3f}, "
-                       f"{result.audio_seconds / max(result.wall_seconds, 1e-9):.0f}x real time")
+        _say(
+            progress,
+            f"[cl-fed] stage {step.stage + 1}/{len(stages)} {stages[step.stage]} round "
+            f"{step.round + 1}/{cfg.rounds_per_stage}: loss {result.loss:.3f}, "
+            f"{result.audio_seconds / max(result.wall_seconds, 1e-9):.0f}x real time",
+        )
         return aggregate(rule_for(cfg), [update], [1.0], scale)
 
     def evaluate(step: Evaluate) -> None:
         record.after_stage.append(evaluate_weights(evaluator, state.evaluated(scale), sets, step.label))
         row = record.after_stage[-1].wer
-        _say(progress, f"[cl-fed] after {step.label}: WER " + ", ".join(f"{k} {v:.1f}" for k, v in row.items()))
+        _say(
+            progress, f"[cl-fed] after {step.label}: WER " + ", ".join(f"{k} {v:.1f}" for k, v in row.items())
+        )
 
     def merged(step: Merge) -> None:
         record.rounds[-1]["merged"] = step.commit
         record.rounds[-1]["pooled"] = True
 
-    walk(continual_plan(cfg, stages), state, scale=scale, mode=cfg.merge, train=train, evaluate=evaluate,
-         merged=merged)
+    walk(
+        continual_plan(cfg, stages),
+        state,
+        scale=scale,
+        mode=cfg.merge,
+        train=train,
+        evaluate=evaluate,
+        merged=merged,
+    )
     record.wall_seconds = time.perf_counter() - start
     record.base_checksum = state_checksum(state.base)
     save_evaluated(evaluator, state.evaluated(scale), run_dir)
@@ -116,10 +133,22 @@ def run_single_site(cfg: RunConfig, site: str = "all", progress: bool = True) ->
 
 def round_entry(step: Train, stages: list[str], result, used: list[str]) -> dict:
     """One row of results.json `rounds` for an in-process round."""
-    return {"stage": step.stage, "stage_name": stages[step.stage], "round": step.round,
-            "server_round": step.server_round, "loss": result.loss, "num_examples": result.num_examples,
-            "audio_seconds": result.audio_seconds, "seconds": result.wall_seconds, "lr_mean": result.lr_mean,
-            "bytes_up": 0, "bytes_down": 0, "clients_used": used, "clients_dropped": [], "merged": False}
+    return {
+        "stage": step.stage,
+        "stage_name": stages[step.stage],
+        "round": step.round,
+        "server_round": step.server_round,
+        "loss": result.loss,
+        "num_examples": result.num_examples,
+        "audio_seconds": result.audio_seconds,
+        "seconds": result.wall_seconds,
+        "lr_mean": result.lr_mean,
+        "bytes_up": 0,
+        "bytes_down": 0,
+        "clients_used": used,
+        "clients_dropped": [],
+        "merged": False,
+    }
 
 
 def save_evaluated(speech: SpeechModel, weights: dict, run_dir: Path) -> None:
@@ -174,8 +203,15 @@ def run_joint(cfg: RunConfig, progress: bool = True) -> Path:
     data = [u for s in stream.sites for t in range(len(stream.stages)) for u in stream.site(s).enter(t)]
     rounds = cfg.rounds_per_stage
     for r in range(rounds):
-        step = Train(0, r, r + 1, round_seed(cfg.seed, 0, r), "full", r if cfg.lr_span == "stage" else 0,
-                     rounds if cfg.lr_span == "stage" else 1)
+        step = Train(
+            0,
+            r,
+            r + 1,
+            round_seed(cfg.seed, 0, r),
+            "full",
+            r if cfg.lr_span == "stage" else 0,
+            rounds if cfg.lr_span == "stage" else 1,
+        )
         weights, result = train_round(speech, data, cfg, step, weights, None, progress=progress)
         record.rounds.append({**round_entry(step, ["all"], result, ["all"]), "stage": None})
         _say(progress, f"[cl-fed] joint round {r + 1}/{rounds}: loss {result.loss:.3f}")

@@ -62,7 +62,8 @@ class ContinualState:
         """An Aggregate step: fold the residuals, continue from the mean factors; or (rule
         "weights") the averaged full model becomes base and weights."""
         if rule == "weights":
-            self._change_weights({k: ("set", v) for k, v in aggregated.items()})
+            changed = {k: ("set", v) for k, v in aggregated.items() if not torch.equal(v, self.weights[k])}
+            self._change_weights(changed)
             self.base = dict(self.weights)
             return
         factors, residual = split(aggregated)
@@ -79,7 +80,11 @@ class ContinualState:
             ops = {}
             for path, (a, b) in lora_pairs(self.adapter).items():
                 weight = self.weights[base_key(path)]
-                ops[base_key(path)] = ("lowrank", (scale * b.to(torch.float64)).to(weight.dtype), a.to(weight.dtype))
+                ops[base_key(path)] = (
+                    "lowrank",
+                    (scale * b.to(torch.float64)).to(weight.dtype),
+                    a.to(weight.dtype),
+                )
             self._change_weights(ops)
             self.base, self.adapter = dict(self.weights), None
             return
@@ -116,7 +121,9 @@ class ContinualState:
             out = {}
             for path in lora_pairs(adapters[0]):
                 pairs = [lora_pairs(a)[path] for a in adapters]
-                out[base_key(path)] = factors_delta([p[0] for p in pairs], [p[1] for p in pairs], weights, scale)
+                out[base_key(path)] = factors_delta(
+                    [p[0] for p in pairs], [p[1] for p in pairs], weights, scale
+                )
             return out
         out: dict[str, torch.Tensor] = {}
         for chunk in self.pool:

@@ -5,9 +5,9 @@ An operation list maps a weight key to one of
     ("lowrank", U, V)   W <- W + U @ V   (U: out x k, V: k x in; an exact factorisation of the update)
     ("set", T)          W <- T           (dense: when low rank is not smaller, or for a reset)
 
-`compress(delta)` turns a dense float64 update into the smaller of the two: a low-rank factorisation
-from its SVD, truncated at its numerical rank (a function of the aggregate only: never a site's own
-factors), or the dense new weight. `apply_ops` is the one function that server, runner and sites
+`compress(weight, delta)` turns a dense float64 update into the smaller of the two: a low-rank
+factorisation from its SVD, truncated where singular values fall below the weight's own precision
+(a function of the aggregate only: never a site's own factors), or the dense new weight. `apply_ops` is the one function that server, runner and sites
 use to apply them: float64 accumulation in a fixed order of rank-8 chunks, rounded to the weight's
 dtype once, so the bits do not depend on the thread count.
 """
@@ -17,7 +17,6 @@ from __future__ import annotations
 import torch
 
 CHUNK = 8  # inner dimension of each matmul: small enough that no BLAS splits (and reorders) the sum
-RANK_TOL = 1e-12  # singular values below this fraction of the largest are rounding, not rank
 
 
 def lowrank_product(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -40,10 +39,21 @@ def compress(weight: torch.Tensor, delta: torch.Tensor) -> tuple:
         return None
     if delta.dim() == 2 and min(delta.shape) > 1:
         u, s, vh = torch.linalg.svd(delta.to(torch.float64), full_matrices=False)
-        rank = int((s > s[0] * RANK_TOL).sum())
+        # components below the weight's own precision are rounding noise (of the cancelling products
+        # of close sites, of the fp32 mean factors), not rank: dropping them changes W by less than
+        # its dtype can hold, and the factors travel in that dtype anyway
+        typical = float(torch.linalg.vector_norm(weight.to(torch.float64))) / min(delta.shape) ** 0.5
+        tol = torch.finfo(weight.dtype).eps * max(float(s[0]), typical)
+        rank = int((s > tol).sum())
+        if rank == 0:
+            return None  # below what the weight can hold: adding it would change no bit worth sending
         if rank * (delta.shape[0] + delta.shape[1]) < delta.numel():
             # factors in the weight's dtype: what travels is what is applied, here and at every site
-            return ("lowrank", (u[:, :rank] * s[:rank]).to(weight.dtype), vh[:rank].to(weight.dtype).contiguous())
+            return (
+                "lowrank",
+                (u[:, :rank] * s[:rank]).to(weight.dtype),
+                vh[:rank].to(weight.dtype).contiguous(),
+            )
     return ("set", (weight.to(torch.float64) + delta).to(weight.dtype))
 
 
@@ -57,7 +67,9 @@ def apply_ops(weights: dict[str, torch.Tensor], ops: dict[str, tuple]) -> dict[s
             out[key] = add_lowrank(weights[key], op[1], op[2])
         elif op[0] == "set":
             if tuple(op[1].shape) != tuple(weights[key].shape):
-                raise ValueError(f"update for {key!r} has shape {tuple(op[1].shape)}, weight {tuple(weights[key].shape)}")
+                raise ValueError(
+                    f"update for {key!r} has shape {tuple(op[1].shape)}, weight {tuple(weights[key].shape)}"
+                )
             out[key] = op[1].to(weights[key].dtype)
         else:
             raise ValueError(f"unknown update kind {op[0]!r} for {key!r}")
@@ -71,7 +83,9 @@ def fold_ops(weights: dict[str, torch.Tensor], deltas: dict[str, torch.Tensor]) 
         if key not in weights:
             raise ValueError(f"update for {key!r}, which the weights do not have")
         if tuple(delta.shape) != tuple(weights[key].shape):
-            raise ValueError(f"update for {key!r} has shape {tuple(delta.shape)}, weight {tuple(weights[key].shape)}")
+            raise ValueError(
+                f"update for {key!r} has shape {tuple(delta.shape)}, weight {tuple(weights[key].shape)}"
+            )
         op = compress(weights[key], delta.to(torch.float64))
         if op is not None:
             ops[key] = op
@@ -102,7 +116,9 @@ def from_tensors(tensors: dict[str, torch.Tensor]) -> list[dict[str, tuple]]:
             key = rest[2:]
             ops[key] = ("lowrank", tensor, tensors[f"{index}/lowrank/V/{key}"])
         elif not (kind == "lowrank" and rest.startswith("V/")):
-            raise ValueError(f"weights update tensor {name!r} is not '<i>/lowrank/U|V/<key>' or '<i>/set/<key>'")
+            raise ValueError(
+                f"weights update tensor {name!r} is not '<i>/lowrank/U|V/<key>' or '<i>/set/<key>'"
+            )
     return steps
 
 

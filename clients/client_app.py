@@ -104,10 +104,12 @@ def train(msg: Message, context: Context) -> Message:
     data = site.stream.site(site.name).enter(step.stage)
     if not data:
         raise ValueError(f"site {site.name} has no training data in stage {step.stage}")
-    if P.ADAPTER in msg.content:
+    if P.ADAPTER in msg.content and site.cfg.strategy != "local":
         adapter = _tensors(msg.content[P.ADAPTER])
     elif step.start == "continue" and site.cfg.strategy != "local":
-        raise ValueError(f"site {site.name}: round {step.server_round} continues from an adapter the message lacks")
+        raise ValueError(
+            f"site {site.name}: round {step.server_round} continues from an adapter the message lacks"
+        )
     else:
         adapter = start_adapter(step, site.state.adapter, site.shapes())
     fault = client_fault(site.name, step.server_round)
@@ -120,12 +122,16 @@ def train(msg: Message, context: Context) -> Message:
         update = {k: torch.full_like(v, float("nan")) for k, v in update.items()}
     if site.cfg.strategy == "local":  # the site is its own federation: apply the plan's next steps
         if site.position >= step.server_round:
-            raise ValueError(f"site {site.name} (local) already holds round {site.position}, the server asks for "
-                             f"round {step.server_round}: a local run resumes only from its last round")
+            raise ValueError(
+                f"site {site.name} (local) already holds round {site.position}, the server asks for "
+                f"round {step.server_round}: a local run resumes only from its last round"
+            )
         plan = continual_plan(site.cfg, site.stream.stages)
         state = site.state
         for later in steps_after(plan, step):
-            aggregated = aggregate(later.rule, [update], [1.0], site.scale) if isinstance(later, Aggregate) else None
+            aggregated = (
+                aggregate(later.rule, [update], [1.0], site.scale) if isinstance(later, Aggregate) else None
+            )
             apply_step(state, later, aggregated, site.scale, site.cfg.merge)
         site.set_state(state, position=step.server_round)
         update = {}  # nothing leaves the site but its figures

@@ -67,8 +67,12 @@ class Site:
         """Replace and persist the state (atomically: a crash leaves the old state file whole)."""
         self.state, self.checksum, self.version = state, state_checksum(state.weights), uuid.uuid4().hex
         self.position = self.position if position is None else position
-        meta = {"checksum": self.checksum, "version": self.version, "has_adapter": state.adapter is not None,
-                "position": self.position}
+        meta = {
+            "checksum": self.checksum,
+            "version": self.version,
+            "has_adapter": state.adapter is not None,
+            "position": self.position,
+        }
         atomic_save_tensors(self.state_dir / STATE_FILE, state.to_tensors(), meta)
 
     def reload_if_changed(self) -> None:

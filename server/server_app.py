@@ -90,7 +90,9 @@ def run_server(grid: Grid, run_config: dict) -> Path:
     strategy = build_strategy(cfg)
     if strategy.lora:
         spec = lora_spec(cfg, speech)
-        probe = attach_lora(copy.deepcopy(speech.model), spec, seed=cfg.seed)  # the adapters' names and shapes
+        probe = attach_lora(
+            copy.deepcopy(speech.model), spec, seed=cfg.seed
+        )  # the adapters' names and shapes
         shapes = adapter_shapes(probe)
         scale = spec.scale
     else:
@@ -132,22 +134,39 @@ def run_server(grid: Grid, run_config: dict) -> Path:
         state.log.clear()
         adapter = start_adapter(step, state.adapter, shapes) if strategy.lora else None
         arrays = ArrayRecord(start_arrays(rule, adapter, state.weights) if adapter is not None else {})
-        messages = strategy.configure_train(step.server_round, arrays, ConfigRecord(P.train_config(step)), grid)
+        messages = strategy.configure_train(
+            step.server_round, arrays, ConfigRecord(P.train_config(step)), grid
+        )
         timeout = cfg.round_timeout + (120 if step.server_round == 1 else 0)  # first round: workers start
         replies = grid.send_and_receive(messages, timeout=timeout)
         aggregated, _ = strategy.aggregate_train(step.server_round, replies)
-        entry = {**strategy.round_log, "stage": step.stage, "round": step.round, "stage_name": stages[step.stage],
-                 "seconds": round(time.perf_counter() - tick, 3), "merged": False}
-        entry["loss"] = (sum(x * n for x, n in zip(entry["losses"], entry["num_examples"]))
-                         / max(sum(entry["num_examples"]), 1)) if entry["losses"] else None
+        entry = {
+            **strategy.round_log,
+            "stage": step.stage,
+            "round": step.round,
+            "stage_name": stages[step.stage],
+            "seconds": round(time.perf_counter() - tick, 3),
+            "merged": False,
+        }
+        entry["loss"] = (
+            (
+                sum(x * n for x, n in zip(entry["losses"], entry["num_examples"]))
+                / max(sum(entry["num_examples"]), 1)
+            )
+            if entry["losses"]
+            else None
+        )
         record.rounds.append(entry)
         if cfg.dp_noise:
             record.privacy = privacy_now(cfg, record.rounds)
-        print(f"[cl-fed] stage {step.stage + 1}/{len(stages)} {stages[step.stage]} round "
-              f"{step.round + 1}/{cfg.rounds_per_stage}: {len(entry['clients_used'])} sites used, "
-              f"{len(entry['clients_dropped'])} dropped, loss "
-              f"{entry['loss'] if entry['loss'] is not None else float('nan'):.3f}"
-              f"{privacy_line(record.privacy) if cfg.dp_noise else ''}", flush=True)
+        print(
+            f"[cl-fed] stage {step.stage + 1}/{len(stages)} {stages[step.stage]} round "
+            f"{step.round + 1}/{cfg.rounds_per_stage}: {len(entry['clients_used'])} sites used, "
+            f"{len(entry['clients_dropped'])} dropped, loss "
+            f"{entry['loss'] if entry['loss'] is not None else float('nan'):.3f}"
+            f"{privacy_line(record.privacy) if cfg.dp_noise else ''}",
+            flush=True,
+        )
         return aggregated.to_torch_state_dict() if aggregated is not None else None
 
     def merged(step: Merge) -> None:
@@ -158,14 +177,26 @@ def run_server(grid: Grid, run_config: dict) -> Path:
     def after_stage(step: Evaluate) -> None:
         record.after_stage.append(evaluate(step.label))
         wers = record.after_stage[-1].wer
-        print(f"[cl-fed] after {step.label}: WER " + ", ".join(f"{k} {v:.1f}" for k, v in wers.items()), flush=True)
+        print(
+            f"[cl-fed] after {step.label}: WER " + ", ".join(f"{k} {v:.1f}" for k, v in wers.items()),
+            flush=True,
+        )
 
     def save(step, index: int) -> None:
         save_checkpoint(checkpoint, state, record, index, optimizer_state(strategy))
         crash_if_injected(record.rounds[-1]["server_round"] if record.rounds else 0)
 
-    walk(plan, state, scale=scale, mode=cfg.merge, train=train, evaluate=after_stage, checkpoint=save,
-         merged=merged, start=next_step)
+    walk(
+        plan,
+        state,
+        scale=scale,
+        mode=cfg.merge,
+        train=train,
+        evaluate=after_stage,
+        checkpoint=save,
+        merged=merged,
+        start=next_step,
+    )
     record.wall_seconds += time.perf_counter() - start
     record.base_checksum = state_checksum(state.base)
     if strategy.lora or cfg.strategy == "fedavg":
@@ -213,8 +244,11 @@ def federated_evaluation(grid, strategy, label, stages, weights, cfg) -> Evaluat
         if evaluated and cfg.strategy != "local":
             records[P.EVALUATED] = ArrayRecord(evaluated)
         config = ConfigRecord({**fields, P.TEST_SETS: test_names})
-        return Message(content=RecordDict({**records, P.CONFIG: config}), message_type=MessageType.EVALUATE,
-                       dst_node_id=node)
+        return Message(
+            content=RecordDict({**records, P.CONFIG: config}),
+            message_type=MessageType.EVALUATE,
+            dst_node_id=node,
+        )
 
     totals: dict[str, float] = {}
     nodes = list(grid.get_node_ids())
@@ -223,7 +257,9 @@ def federated_evaluation(grid, strategy, label, stages, weights, cfg) -> Evaluat
         for reply in grid.send_and_receive([message(node) for node in nodes], timeout=cfg.round_timeout):
             node = reply.metadata.src_node_id
             if reply.has_error():
-                print(f"[cl-fed] evaluation failed on node {node}: {last_line(reply.error.reason)}", flush=True)
+                print(
+                    f"[cl-fed] evaluation failed on node {node}: {last_line(reply.error.reason)}", flush=True
+                )
                 strategy.sync.nodes.pop(node, None)  # next time: everything
                 failed.append(node)
                 continue

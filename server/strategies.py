@@ -86,6 +86,7 @@ class ContinualStrategy(FedAvg):
     """Construct like Flower's FedAvg, then `bind` the run (so Flower subclasses compose)."""
 
     lora = True
+    sends_adapter = True  # the adapter sites continue from comes from the server
 
     def bind(self, cfg: RunConfig, reference: dict, scale: float, rule: str, sync: WeightsSync) -> None:
         self.cfg, self.reference, self.scale, self.rule, self.sync = cfg, reference, scale, rule, sync
@@ -109,7 +110,7 @@ class ContinualStrategy(FedAvg):
         self.round_seed = int(config[P.SEED])
         start = {k: v for k, v in arrays.to_torch_state_dict().items() if not k.startswith(RESIDUAL)}
         self.round_start = start
-        send_adapter = self.lora and (str(config[P.START]) == "continue" or self.dp)
+        send_adapter = self.lora and self.sends_adapter and (str(config[P.START]) == "continue" or self.dp)
         messages, down = [], 0
         for node in self.sample(grid, self.round_seed):
             fields, records = self.sync_records(node)
@@ -121,8 +122,11 @@ class ContinualStrategy(FedAvg):
             content = RecordDict({**records, P.CONFIG: ConfigRecord(round_config)})
             down += sum(state_bytes(r.to_torch_state_dict()) for r in records.values())
             messages.append(Message(content=content, message_type=MessageType.TRAIN, dst_node_id=node))
-        self.round_log = {"server_round": server_round, "sent_to": [m.metadata.dst_node_id for m in messages],
-                          "bytes_down": down}
+        self.round_log = {
+            "server_round": server_round,
+            "sent_to": [m.metadata.dst_node_id for m in messages],
+            "bytes_down": down,
+        }
         self.sent = messages
         return messages
 
@@ -177,10 +181,19 @@ class ContinualStrategy(FedAvg):
             losses.append(float(metrics[P.TRAIN_LOSS]))
             lrs.append(float(metrics.get(P.LR_MEAN, float("nan"))))
         self.round_log.update(lr_mean=sum(lrs) / len(lrs) if lrs else None)
-        self.round_log.update(clients_used=used, clients_dropped=dropped, rows_skipped=skipped, losses=losses,
-                              num_examples=examples, bytes_up=up, site_checksums=holds)
+        self.round_log.update(
+            clients_used=used,
+            clients_dropped=dropped,
+            rows_skipped=skipped,
+            losses=losses,
+            num_examples=examples,
+            bytes_up=up,
+            site_checksums=holds,
+        )
         self.sent = []
-        loss = sum(x * n for x, n in zip(losses, examples)) / max(sum(examples), 1) if losses else float("nan")
+        loss = (
+            sum(x * n for x, n in zip(losses, examples)) / max(sum(examples), 1) if losses else float("nan")
+        )
         metrics = MetricRecord({P.TRAIN_LOSS: loss, P.NUM_EXAMPLES: sum(examples)})
         if not updates:
             log.warning("round %s: no usable update; the model is unchanged", server_round)
@@ -197,8 +210,14 @@ class ContinualStrategy(FedAvg):
         for site, adapter in zip(sites, adapters):
             norm = update_norm(adapter, self.round_start)
             if norm > clip * (1 + 1e-4):  # more than the float32 rounding of a clipped update
-                log.warning("round %s: site %s sent an update of norm %.6g > dp-clip %.6g (is its clipping mod "
-                            "installed?); clipped on the server", server_round, site, norm, clip)
+                log.warning(
+                    "round %s: site %s sent an update of norm %.6g > dp-clip %.6g (is its clipping mod "
+                    "installed?); clipped on the server",
+                    server_round,
+                    site,
+                    norm,
+                    clip,
+                )
             clipped.append(clip_update(adapter, self.round_start, clip))
         std = noise_std(self.cfg.dp_noise, clip, len(clipped))
         seed = noise_seed(self.round_seed, os.environ.get("CL_FED_DP_SECRET", ""))
@@ -219,11 +238,15 @@ class FedAvgFull(ContinualStrategy):
 
     def check_reply(self, arrays):
         # integer buffers (BatchNorm's step counters) are checked for keys, shapes and finiteness like the rest
-        super().check_reply({k: v if v.is_floating_point() else v.to(torch.float64) for k, v in arrays.items()})
+        super().check_reply(
+            {k: v if v.is_floating_point() else v.to(torch.float64) for k, v in arrays.items()}
+        )
 
 
 class Local(ContinualStrategy):
     """Sites keep their own state; the server sends the starting base once and the plan's steps."""
+
+    sends_adapter = False  # each site continues from its own
 
     def sync_records(self, node):
         if node in self.sync.nodes:  # the site runs its own state now
@@ -242,8 +265,12 @@ class Local(ContinualStrategy):
         raise RuntimeError("local strategy has no shared update to privatize")
 
 
-STRATEGY_CLASSES = {"centralization": Centralization, "fedavg": FedAvgFull, "fedavg-lora": FedAvgLora,
-                    "local": Local}
+STRATEGY_CLASSES = {
+    "centralization": Centralization,
+    "fedavg": FedAvgFull,
+    "fedavg-lora": FedAvgLora,
+    "local": Local,
+}
 SERVER_OPTIMIZERS = {"fedadam": FedAdam, "fedyogi": FedYogi, "fedadagrad": FedAdagrad}
 
 
@@ -253,8 +280,13 @@ def build_strategy(cfg: RunConfig) -> ContinualStrategy:
     cls = STRATEGY_CLASSES[cfg.strategy]
     # the ServerApp waits for every site before the first round (wait_for_sites); after that a
     # site that is gone (a killed SuperNode) must not stall the run, so rounds go on with those online
-    kwargs = dict(fraction_train=cfg.fraction_train, fraction_evaluate=1.0, min_train_nodes=1,
-                  min_evaluate_nodes=1, min_available_nodes=1)
+    kwargs = dict(
+        fraction_train=cfg.fraction_train,
+        fraction_evaluate=1.0,
+        min_train_nodes=1,
+        min_evaluate_nodes=1,
+        min_available_nodes=1,
+    )
     if cfg.server_optimizer == "none":
         return cls(**kwargs)
     optimizer = SERVER_OPTIMIZERS[cfg.server_optimizer]

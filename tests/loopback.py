@@ -38,7 +38,10 @@ def in_memory_grid(num_nodes: int) -> tuple[InMemoryGrid, list[int]]:
     nodes = []
     for _ in range(num_nodes):
         node = link.create_node(
-            NOOP_FLWR_AID, NOOP_ACCOUNT_NAME, secrets.token_bytes(32), heartbeat_interval=HEARTBEAT_INTERVAL_INF
+            NOOP_FLWR_AID,
+            NOOP_ACCOUNT_NAME,
+            secrets.token_bytes(32),
+            heartbeat_interval=HEARTBEAT_INTERVAL_INF,
         )
         link.acknowledge_node_heartbeat(node_id=node, heartbeat_interval=HEARTBEAT_INTERVAL_INF)
         nodes.append(node)
@@ -59,13 +62,17 @@ class LoopbackGrid(Grid):
     def send_and_receive(self, messages, *, timeout=None):
         replies = []
         for msg in messages:
-            handler = client_app.train if msg.metadata.message_type == MessageType.TRAIN else client_app.evaluate
+            handler = (
+                client_app.train if msg.metadata.message_type == MessageType.TRAIN else client_app.evaluate
+            )
             self.sent.append(msg)
             try:
                 replies.append(handler(msg, self.contexts[msg.metadata.dst_node_id]))
             except Exception as error:  # noqa: BLE001 - what the runtime sends back
                 reason = f"{type(error).__name__}: {error}"
-                replies.append(Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=msg))
+                replies.append(
+                    Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=reason), reply_to=msg)
+                )
         self.replies += replies
         return replies
 
@@ -89,8 +96,13 @@ class LoopbackGrid(Grid):
 def site_contexts(run_config: dict, sites: int, run_id: int = RUN_ID) -> dict[int, Context]:
     """One ClientApp context per site, as the simulation engine makes them (node ids 101, 102, ...)."""
     return {
-        101 + i: Context(run_id=run_id, node_id=101 + i, node_config={"partition-id": i, "num-partitions": sites},
-                         state=RecordDict(), run_config=dict(run_config))
+        101 + i: Context(
+            run_id=run_id,
+            node_id=101 + i,
+            node_config={"partition-id": i, "num-partitions": sites},
+            state=RecordDict(),
+            run_config=dict(run_config),
+        )
         for i in range(sites)
     }
 

@@ -1,10 +1,11 @@
 """The Flower apps' functions called directly with real Flower messages (no `flwr run`).
 
-Server side: what `configure_train` sends each node (WeightsSync: nothing, the changed tensors or
-everything), how `aggregate_train` drops bad replies and aggregates the rest by the plan's rule,
-fraction-train sampling, the FedAvg baseline, a Flower server optimiser composed with our strategy
-and the checkpoint. Client side: `sync_weights` and the real `train` / `evaluate` handlers on a
-site of the tiny scenario. The server's messages go through Flower's own InMemoryGrid (tests/loopback.py);
+Server side: what `configure_train` sends each node (WeightsSync: nothing, the operations the
+server applied since the version it holds, cl_fed/updates.py, or everything), how
+`aggregate_train` drops bad replies and aggregates the rest by the plan's rule, fraction-train
+sampling, the FedAvg baseline, a Flower server optimiser composed with our strategy and the
+checkpoint. Client side: `sync_weights` and the real `train` / `evaluate` handlers on a site of the
+tiny scenario. The server's messages go through Flower's own InMemoryGrid (tests/loopback.py);
 replies are built as a ClientApp builds them: `Message(content, reply_to=msg)`.
 The continual state itself (apply, merge, pool) is tested in tests/test_loop.py.
 """
@@ -19,9 +20,10 @@ from flwr.serverapp.strategy import FedAdam
 from flwr.supercore.task_identity import TaskIdentity
 
 from cl_fed import protocol as P
+from cl_fed import updates
 from cl_fed.adapters import adapter_shapes, attach_lora
-from cl_fed.aggregation import RESIDUAL, aggregate, with_zero_residual
-from cl_fed.centralize import example_weights, state_bytes
+from cl_fed.aggregation import RESIDUAL, aggregate, split, with_zero_residual
+from cl_fed.centralize import base_key, example_weights, lora_pairs, state_bytes
 from cl_fed.config import DEFAULTS, make_config
 from cl_fed.continual import lora_spec, prepare_data, state_checksum
 from cl_fed.io import read_tensors_meta
@@ -151,9 +153,40 @@ def server_after_round(tiny, adapters, examples, merge: bool) -> ContinualState:
     return state
 
 
+def kinds(steps: list[dict[str, tuple]]) -> list[set[str]]:
+    """The kinds of operation of each step ({"lowrank"}, {"set"}, ...)."""
+    return [{op[0] for op in ops.values()} for ops in steps]
+
+
+def check_lowrank(op: tuple, weight: torch.Tensor, ranks: range) -> int:
+    """`op` is W += U V with U (out x k), V (k x in) in the weight's dtype, k in `ranks`, and the two
+    factors smaller than the dense weight; returns k."""
+    kind, u, v = op
+    assert kind == "lowrank"
+    k = u.shape[1]
+    assert k in ranks, (k, ranks)
+    assert tuple(u.shape) == (weight.shape[0], k) and tuple(v.shape) == (k, weight.shape[1])
+    assert u.dtype == v.dtype == weight.dtype
+    assert u.numel() + v.numel() < weight.numel()
+    return k
+
+
+def same_ops(a: list[dict[str, tuple]], b: list[dict[str, tuple]]) -> bool:
+    return len(a) == len(b) and all(
+        x.keys() == y.keys()
+        and all(x[k][0] == y[k][0] and all(torch.equal(p, q) for p, q in zip(x[k][1:], y[k][1:])) for k in x)
+        for x, y in zip(a, b)
+    )
+
+
+def message_bytes(messages: list[Message]) -> int:
+    """Every ArrayRecord of the messages, as they were sent."""
+    return sum(state_bytes(tensors(record)) for m in messages for record in m.content.array_records.values())
+
+
 # ---- 1. WeightsSync: what configure_train sends each node -----------------------------------------
-def test_configure_train_sends_nothing_the_changed_tensors_or_everything(tiny):
-    base, reference = tiny["base"], tiny["reference"]
+def test_configure_train_sends_nothing_the_operations_since_or_everything(tiny):
+    base, reference, rank = tiny["base"], tiny["reference"], tiny["spec"].rank
     strategy = make_strategy(tiny, **{"rounds-per-stage": 3})
     first, second, third = train_steps(strategy.cfg)[:3]
     assert (first.start, second.start, third.start) == ("fresh", "continue", "continue")
@@ -170,7 +203,7 @@ def test_configure_train_sends_nothing_the_changed_tensors_or_everything(tiny):
         assert (conf[P.SEED], conf[P.START], conf[P.SERVER_ROUND]) == (first.seed, "fresh", 1)
         assert P.ADAPTER not in msg.content
         assert equal_states(tensors(msg.content[P.WEIGHTS]), base)
-    assert strategy.round_log["bytes_down"] == 3 * state_bytes(base)
+    assert strategy.round_log["bytes_down"] == 3 * state_bytes(base) == message_bytes(messages)
 
     # the replies say what each node holds: two nodes the weights they were sent, one other weights
     n0, n1, n2 = (m.metadata.dst_node_id for m in messages)
@@ -183,27 +216,49 @@ def test_configure_train_sends_nothing_the_changed_tensors_or_everything(tiny):
     aggregated, _ = strategy.aggregate_train(1, replies)
     assert sync.nodes == {n0: old, n1: old, n2: "f" * 64}
     state = ContinualState.start(base)
-    state.apply("exact", tensors(aggregated))  # the residuals folded into the adapted layers
-    sync.update(state.weights)
+    state.apply("exact", tensors(aggregated))  # the residuals folded into the adapted layers ...
+    (ops,) = state.log  # ... as one low-rank factorisation of each layer's residual
+    residual = split(tensors(aggregated))[1]
+    assert set(ops) == set(residual) == tiny["adapted"]
+    for key, op in ops.items():
+        # three different adapters: rank between (3 - 1) r (the exact residual) and (3 + 1) r (with
+        # the float32 rounding of the mean factors the sites continue from)
+        check_lowrank(op, base[key], range(2 * rank, 4 * rank + 1))
+        assert not any(torch.equal(op[2][:rank], a[k]) for a in adapters for k in a if k.endswith(".lora_A"))
+        torch.testing.assert_close(
+            updates.lowrank_product(op[1], op[2]),
+            residual[key],
+            rtol=0,
+            atol=1e-6 * residual[key].abs().max(),
+        )
+    sync.update(state.weights, state.log)
+    state.log.clear()  # as the ServerApp does
     new = sync.checksum
     changed = {k for k in base if not torch.equal(state.weights[k], base[k])}
     assert new == state_checksum(state.weights) != old and changed == tiny["adapted"]
 
-    # round 2: the nodes on the previous weights get just the changed tensors, the third everything;
+    # round 2: the nodes on the previous weights get just the operations, the third everything;
     # everyone gets the adapter to continue from, without the residuals
     start = with_zero_residual(state.adapter, state.weights)
-    by_node = {m.metadata.dst_node_id: m for m in send(strategy, grid, second, start)}
+    round_two = send(strategy, grid, second, start)
+    by_node = {m.metadata.dst_node_id: m for m in round_two}
     for node in (n0, n1):
         conf, records = by_node[node].content[P.CONFIG], by_node[node].content
         assert conf[P.SYNC] == P.SYNC_CHANGED and conf[P.SYNC_FROM] == old and conf[P.WEIGHTS_CHECKSUM] == new
         sent = tensors(records[P.WEIGHTS])
-        assert set(sent) == tiny["adapted"] and all(torch.equal(sent[k], state.weights[k]) for k in sent)
+        assert set(sent) == {f"0/lowrank/{factor}/{k}" for factor in "UV" for k in tiny["adapted"]}
+        assert same_ops(updates.from_tensors(sent), [ops])
+        replayed = updates.replay(dict(base), updates.from_tensors(sent))  # what the node does
+        assert equal_states(replayed, state.weights) and state_checksum(replayed) == new
     assert by_node[n2].content[P.CONFIG][P.SYNC] == P.SYNC_FULL
     assert equal_states(tensors(by_node[n2].content[P.WEIGHTS]), state.weights)
     assert all(equal_states(tensors(m.content[P.ADAPTER]), state.adapter) for m in by_node.values())
-    adapter_bytes, changed_bytes = state_bytes(state.adapter), state_bytes({k: base[k] for k in changed})
-    assert changed_bytes < state_bytes(base)
-    assert strategy.round_log["bytes_down"] == 2 * changed_bytes + state_bytes(base) + 3 * adapter_bytes
+    adapter_bytes, ops_bytes = state_bytes(state.adapter), state_bytes(sent)
+    assert (
+        ops_bytes < state_bytes({k: base[k] for k in changed}) < state_bytes(base)
+    )  # less than the dense layers
+    assert strategy.round_log["bytes_down"] == 2 * ops_bytes + state_bytes(base) + 3 * adapter_bytes
+    assert strategy.round_log["bytes_down"] == message_bytes(round_two)
 
     # round 2's replies: n1 now holds the new weights, n0 fails, n2 does not answer
     replies = [
@@ -219,16 +274,27 @@ def test_configure_train_sends_nothing_the_changed_tensors_or_everything(tiny):
         assert by_node[node].content[P.CONFIG][P.SYNC] == P.SYNC_FULL
         assert equal_states(tensors(by_node[node].content[P.WEIGHTS]), state.weights)
 
-    # two versions behind: the last change's tensors are not enough, so everything
-    sync.update(state.weights)  # the same weights: no new version
+    # the same weights again: no new version, and a node on the previous one still gets its operations
+    sync.update(state.weights, [])
     assert (sync.checksum, sync.previous) == (new, old)
-    sync.update({k: v + 1.0 if k in tiny["adapted"] else v for k, v in state.weights.items()})
     sync.nodes[n1] = old
     conf, records = sync.records(n1)
-    assert conf[P.SYNC] == P.SYNC_FULL and equal_states(tensors(records[P.WEIGHTS]), sync.weights)
+    assert conf[P.SYNC] == P.SYNC_CHANGED and same_ops(
+        updates.from_tensors(tensors(records[P.WEIGHTS])), [ops]
+    )
+    # dense operations travel as "set" tensors; two versions behind, the last operations are not enough
+    bump = {k: ("set", state.weights[k] + 1.0) for k in sorted(tiny["adapted"])}
+    newer = updates.apply_ops(state.weights, bump)
+    sync.update(newer, [bump])
+    conf, records = sync.records(n1)  # n1 holds `old`
+    assert conf[P.SYNC] == P.SYNC_FULL and equal_states(tensors(records[P.WEIGHTS]), newer)
+    assert equal_states(sync.weights, newer)
     sync.nodes[n1] = new
     conf, records = sync.records(n1)
-    assert conf[P.SYNC] == P.SYNC_CHANGED and set(tensors(records[P.WEIGHTS])) == tiny["adapted"]
+    sent = tensors(records[P.WEIGHTS])
+    assert conf[P.SYNC] == P.SYNC_CHANGED and set(sent) == {f"0/set/{k}" for k in tiny["adapted"]}
+    assert kinds(updates.from_tensors(sent)) == [{"set"}]
+    assert equal_states(updates.replay(state.weights, updates.from_tensors(sent)), newer)
 
 
 def site_for(tiny, tmp_path, name: str = "factory-a", cfg=None) -> Site:
@@ -246,8 +312,9 @@ def sync_message(sync: WeightsSync, node: int) -> Message:
     )
 
 
-def test_sync_weights_reproduces_the_servers_weights_bit_for_bit_or_raises_stale_base(tiny, tmp_path):
-    base, node = tiny["base"], 7
+def test_sync_weights_replays_the_servers_operations_bit_for_bit_or_raises_stale_base(tiny, tmp_path):
+    base, node, reference = tiny["base"], 7, tiny["reference"]
+    scale, rank = tiny["spec"].scale, tiny["spec"].rank
     sync = WeightsSync(base)
     site = site_for(tiny, tmp_path)
     full = sync_message(sync, node)
@@ -263,14 +330,27 @@ def test_sync_weights_reproduces_the_servers_weights_bit_for_bit_or_raises_stale
     client_app.sync_weights(site, nothing)
     assert site.checksum == sync.checksum
 
-    # a merge on the server changes the adapted layers; the site gets just those and lands on the weights
-    server = server_after_round(
-        tiny, [random_adapter(tiny["reference"], seed=s) for s in (3, 4)], [2, 6], True
-    )
-    sync.update(server.weights)
+    # a round and a merge (K=1) on the server: the round's residual, then s * B_bar and A_bar, both
+    # low-rank on the adapted layers; the site replays them and lands on the server's weights
+    adapters = [random_adapter(reference, seed=s) for s in (3, 4)]
+    server = server_after_round(tiny, adapters, [2, 6], True)
+    residual_ops, merge_ops = server.log
+    mean = aggregate("exact", adapters, example_weights([2, 6]), scale)
+    assert set(residual_ops) == set(merge_ops) == tiny["adapted"]
+    for path, (a, b) in lora_pairs(split(mean)[0]).items():
+        key = base_key(path)
+        check_lowrank(residual_ops[key], base[key], range(rank, 3 * rank + 1))
+        assert check_lowrank(merge_ops[key], base[key], range(rank, rank + 1)) == rank
+        assert torch.equal(merge_ops[key][1], (scale * b.double()).float()) and torch.equal(
+            merge_ops[key][2], a
+        )
+    sync.update(server.weights, server.log)
     changed = sync_message(sync, node)
     assert changed.content[P.CONFIG][P.SYNC] == P.SYNC_CHANGED
-    assert set(tensors(changed.content[P.WEIGHTS])) == tiny["adapted"]
+    sent = tensors(changed.content[P.WEIGHTS])
+    assert set(sent) == {f"{i}/lowrank/{f}/{k}" for i in (0, 1) for f in "UV" for k in tiny["adapted"]}
+    assert same_ops(updates.from_tensors(sent), server.log)
+    assert state_bytes(sent) < state_bytes({k: base[k] for k in tiny["adapted"]})
     client_app.sync_weights(site, changed)
     assert (
         site.checksum == sync.checksum == state_checksum(server.weights) == state_checksum(site.state.weights)
@@ -282,7 +362,7 @@ def test_sync_weights_reproduces_the_servers_weights_bit_for_bit_or_raises_stale
     reread.reload_if_changed()
     assert reread.checksum == sync.checksum and equal_states(reread.state.weights, server.weights)
 
-    # a site on other weights cannot apply the changed tensors: it says so, and keeps what it held
+    # a site on other weights cannot apply the operations: it says so, and keeps what it held
     other = site_for(tiny, tmp_path, name="factory-b")
     other.set_state(ContinualState.start({k: v + 1 if v.is_floating_point() else v for k, v in base.items()}))
     held = other.checksum
@@ -295,6 +375,24 @@ def test_sync_weights_reproduces_the_servers_weights_bit_for_bit_or_raises_stale
     sync.nodes[node] = sync.checksum
     with pytest.raises(StaleBase, match="factory-b"):
         client_app.sync_weights(other, sync_message(sync, node))
+
+    # an adapter pool (K=2): a stage's round, its reset to the base (dense), the next stage's round and
+    # the committed pool (dense): four steps in one version, replayed in order
+    server.log.clear()
+    for seeds, commit in (((5, 6), False), ((7, 8), True)):
+        pair = [random_adapter(reference, seed=s) for s in seeds]
+        server.apply("exact", aggregate("exact", pair, [0.5, 0.5], scale))
+        server.merge(scale, "product", commit=commit)
+    assert kinds(server.log) == [{"lowrank"}, {"set"}, {"lowrank"}, {"set"}]
+    assert set(server.log[-1]) == tiny["adapted"]
+    assert all(torch.equal(op[1], server.weights[k]) for k, op in server.log[-1].items())
+    sync.nodes[node] = site.checksum
+    sync.update(server.weights, server.log)
+    pooled = sync_message(sync, node)
+    assert pooled.content[P.CONFIG][P.SYNC] == P.SYNC_CHANGED
+    client_app.sync_weights(site, pooled)
+    assert site.checksum == sync.checksum == state_checksum(server.weights) != held
+    assert equal_states(site.state.weights, server.weights)
 
 
 # ---- 2. aggregate_train -----------------------------------------------------------------------------
@@ -425,6 +523,9 @@ def test_fedavg_full_averages_all_weights_by_examples_and_keeps_integer_buffers_
     state = ContinualState.start(base)
     state.apply("weights", got)
     assert equal_states(state.base, got) and equal_states(state.weights, got)
+    (ops,) = state.log  # the averaged model replaces the weights: dense "set" operations
+    assert set(ops) == set(base) and kinds(state.log) == [{"set"}]
+    assert equal_states(updates.replay(dict(base), state.log), got)
 
 
 # ---- 4. a Flower server optimiser on our aggregate ----------------------------------------------------
@@ -517,14 +618,29 @@ def test_client_train_sync_stale_weights_and_evaluate(tiny, stream, tmp_path):
     state.apply(strategy.rule, tensors(aggregated))
     assert plan[plan.index(first) + 2].commit  # stage 0 ends with a committed merge
     state.merge(scale, strategy.cfg.merge, commit=True)
-    strategy.sync.update(state.weights)
+    applied = list(state.log)  # the round's residual, then s * B_bar, A_bar (rank r)
+    # the round's residual (absent where it is below the fp32 weights' precision: one short step of two
+    # close sites), then the merge
+    residual_ops, merge_ops = applied[:-1][0] if len(applied) == 2 else {}, applied[-1]
+    assert set(residual_ops) <= set(merge_ops) == tiny["adapted"]
+    for key, op in residual_ops.items():  # low-rank where that is smaller, else the dense new weight
+        weight = tiny["base"][key]
+        if op[0] == "set":
+            assert op[1].shape == weight.shape and op[1].dtype == weight.dtype
+        else:
+            check_lowrank(op, weight, range(1, min(weight.shape)))
+        assert check_lowrank(merge_ops[key], weight, range(1, min(weight.shape))) == tiny["spec"].rank
+    strategy.sync.update(state.weights, state.log)
+    state.log.clear()
 
-    # stage 1: a site gets the changed tensors (not everything) and lands on the server's weights;
+    # stage 1: a site gets the operations (not everything) and lands on the server's weights;
     # training the other site in between evicted site A from the worker's cache: its state comes from disk
     messages = send(strategy, grid, second)
     to_a = next(m for m in messages if m.metadata.dst_node_id == nodes[0])
     assert to_a.content[P.CONFIG][P.SYNC] == P.SYNC_CHANGED
-    assert set(tensors(to_a.content[P.WEIGHTS])) == tiny["adapted"]
+    sent = tensors(to_a.content[P.WEIGHTS])
+    assert same_ops(updates.from_tensors(sent), applied)
+    assert strategy.round_log["bytes_down"] == 2 * state_bytes(sent) == message_bytes(messages)  # no adapter
     answer = client_app.train(to_a, contexts[nodes[0]])
     assert (
         answer.content[P.SITE][P.WEIGHTS_CHECKSUM] == strategy.sync.checksum == state_checksum(state.weights)

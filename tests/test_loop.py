@@ -42,8 +42,11 @@ def one_thread_and_task_identity(monkeypatch):
 
 # ---- the plan ----------------------------------------------------------------------------------
 def kinds(plan, stage):
-    return [type(s).__name__[0] + (("C" if s.commit else "p") if isinstance(s, Merge) else "")
-            for s in plan if s.stage == stage]
+    return [
+        type(s).__name__[0] + (("C" if s.commit else "p") if isinstance(s, Merge) else "")
+        for s in plan
+        if s.stage == stage
+    ]
 
 
 def test_plan_decides_merges_starts_and_seeds_once():
@@ -58,12 +61,15 @@ def test_plan_decides_merges_starts_and_seeds_once():
     assert [(s.span_index, s.span_rounds) for s in trains[:2]] == [(0, 2), (1, 2)]
     assert [s.rule for s in every_stage if isinstance(s, Aggregate)] == ["exact"] * 8
 
-    pooled = continual_plan(make_config({"rounds-per-stage": 2, "centralize-every": 2, "merge": "factors"}), STAGES)
+    pooled = continual_plan(
+        make_config({"rounds-per-stage": 2, "centralize-every": 2, "merge": "factors"}), STAGES
+    )
     assert [m.commit for m in pooled if isinstance(m, Merge)] == [False, True, False, True]
     assert {s.rule for s in pooled if isinstance(s, Aggregate)} == {"fedit"}
 
-    per_round = continual_plan(make_config({"rounds-per-stage": 2, "centralize-every": "round",
-                                            "lr-span": "round"}), STAGES)
+    per_round = continual_plan(
+        make_config({"rounds-per-stage": 2, "centralize-every": "round", "lr-span": "round"}), STAGES
+    )
     assert kinds(per_round, 0) == ["T", "A", "MC", "C", "T", "A", "MC", "E", "C"]
     assert {s.start for s in per_round if isinstance(s, Train)} == {"fresh"}
     assert {(s.span_index, s.span_rounds) for s in per_round if isinstance(s, Train)} == {(0, 1)}
@@ -81,7 +87,10 @@ def test_plan_decides_merges_starts_and_seeds_once():
 # ---- the exact round aggregate -------------------------------------------------------------------
 def adapter(seed: int, dtype=torch.float64) -> dict:
     g = torch.Generator().manual_seed(seed)
-    return {"l.lora_A": torch.randn(2, 3, generator=g, dtype=dtype), "l.lora_B": torch.randn(4, 2, generator=g, dtype=dtype)}
+    return {
+        "l.lora_A": torch.randn(2, 3, generator=g, dtype=dtype),
+        "l.lora_B": torch.randn(4, 2, generator=g, dtype=dtype),
+    }
 
 
 def test_exact_aggregate_against_hand_computed_values():
@@ -100,15 +109,19 @@ def test_exact_aggregate_against_hand_computed_values():
 
 def test_after_every_round_the_sites_continue_from_the_exact_mean_update_fp64():
     scale = 1.5
-    w0 = {"l.weight": torch.randn(4, 3, generator=torch.Generator().manual_seed(7), dtype=torch.float64),
-          "other": torch.ones(2, dtype=torch.float64)}
+    w0 = {
+        "l.weight": torch.randn(4, 3, generator=torch.Generator().manual_seed(7), dtype=torch.float64),
+        "other": torch.ones(2, dtype=torch.float64),
+    }
     state = ContinualState.start(w0)
     start = adapter(100)
     for round_index in range(3):  # sites start from the state's adapter (round 0: a shared one)
         frozen = dict(state.weights)
         begin = state.adapter or start
-        sites = [{k: v + 0.1 * (i + 1) * adapter(10 * round_index + i)[k] for k, v in begin.items()}
-                 for i in range(3)]
+        sites = [
+            {k: v + 0.1 * (i + 1) * adapter(10 * round_index + i)[k] for k, v in begin.items()}
+            for i in range(3)
+        ]
         p = [0.2, 0.3, 0.5]
         state.apply("exact", aggregate("exact", sites, p, scale))
         # the model the sites continue from: the folded weights plus the mean adapter (kept in fp32, as
@@ -131,8 +144,14 @@ def test_merge_pools_chunks_and_evaluates_as_if_merged_now():
     chunks = []
     for seed in (1, 2):
         state.apply("exact", aggregate("exact", [adapter(seed), adapter(seed + 10)], [0.5, 0.5], scale))
-        chunks.append(0.5 * scale * (adapter(seed)["l.lora_B"] @ adapter(seed)["l.lora_A"]
-                                     + adapter(seed + 10)["l.lora_B"] @ adapter(seed + 10)["l.lora_A"]))
+        chunks.append(
+            0.5
+            * scale
+            * (
+                adapter(seed)["l.lora_B"] @ adapter(seed)["l.lora_A"]
+                + adapter(seed + 10)["l.lora_B"] @ adapter(seed + 10)["l.lora_A"]
+            )
+        )
         commit = seed == 2
         if not commit:  # one chunk pooled: the evaluated model is base + that chunk
             state.merge(scale, "product", commit=False)
@@ -160,13 +179,19 @@ def federated_and_single(tmp_path, **overrides):
     run_config = {"scenario": "tiny", "sites": 1, "output-dir": str(tmp_path), **overrides}
     federated, _ = run_in_process(run_config, sites=1)
     single = run_single_site(make_config(run_config), site="factory-a", progress=False)
-    return (json.loads((federated / "results.json").read_text()), json.loads((single / "results.json").read_text()),
-            federated, single)
+    return (
+        json.loads((federated / "results.json").read_text()),
+        json.loads((single / "results.json").read_text()),
+        federated,
+        single,
+    )
 
 
 def assert_same_run(fed, one):
     assert fed["complete"] and one["complete"]
-    assert all(r["clients_used"] and not r["clients_dropped"] for r in fed["rounds"])  # the site's update was used
+    assert all(
+        r["clients_used"] and not r["clients_dropped"] for r in fed["rounds"]
+    )  # the site's update was used
     assert fed["wer_matrix"] == one["wer_matrix"] and fed["cer_matrix"] == one["cer_matrix"]
     assert fed["base_checksum"] == one["base_checksum"]
     assert [r["loss"] for r in fed["rounds"]] == [r["loss"] for r in one["rounds"]]
@@ -185,17 +210,29 @@ def test_one_site_federation_equals_the_single_site_runner(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("overrides", [{"centralize-every": "round"}, {"centralize-every": "2"},
-                                       {"merge": "factors"}, {"strategy": "fedavg-lora"},
-                                       {"strategy": "fedavg"}])
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"centralize-every": "round"},
+        {"centralize-every": "2"},
+        {"merge": "factors"},
+        {"strategy": "fedavg-lora"},
+        {"strategy": "fedavg"},
+    ],
+)
 def test_one_site_federation_equals_the_runner_for_every_schedule(tmp_path, overrides):
     fed, one, _, _ = federated_and_single(tmp_path, **overrides)
     assert_same_run(fed, one)
 
 
 def test_saved_model_includes_the_live_adapter_of_fedavg_lora(tmp_path):
-    run_config = {"scenario": "tiny", "strategy": "fedavg-lora", "rounds-per-stage": 1, "output-dir": str(tmp_path),
-                  "lr": 0.02}
+    run_config = {
+        "scenario": "tiny",
+        "strategy": "fedavg-lora",
+        "rounds-per-stage": 1,
+        "output-dir": str(tmp_path),
+        "lr": 0.02,
+    }
     run_dir, _ = run_in_process(run_config, sites=2)
     results = json.loads((run_dir / "results.json").read_text())
     _, stream = prepare_data(make_config(run_config), progress=False)
@@ -222,7 +259,9 @@ def test_updates_are_low_rank_when_smaller_exact_and_replay_bit_for_bit():
 
     g = torch.Generator().manual_seed(3)
     weights = {"w": torch.randn(64, 48, generator=g), "b": torch.randn(64, generator=g)}
-    delta = torch.randn(64, 5, generator=g, dtype=torch.float64) @ torch.randn(5, 48, generator=g, dtype=torch.float64)
+    delta = torch.randn(64, 5, generator=g, dtype=torch.float64) @ torch.randn(
+        5, 48, generator=g, dtype=torch.float64
+    )
     ops = updates.fold_ops(weights, {"w": delta, "b": torch.ones(64, dtype=torch.float64)})
     assert ops["w"][0] == "lowrank" and ops["w"][1].shape == (64, 5)  # rank 5: 560 numbers instead of 3,072
     assert ops["b"][0] == "set"  # a vector has no smaller factorisation
@@ -234,11 +273,15 @@ def test_updates_are_low_rank_when_smaller_exact_and_replay_bit_for_bit():
     assert updates.fold_ops(weights, {"w": full})["w"][0] == "set"  # full rank: dense is smaller
     # a site replays the serialized operations onto the weights it holds: the same bits
     steps = updates.from_tensors(updates.to_tensors([ops, updates.fold_ops(new, {"w": delta})]))
-    assert torch.equal(updates.replay(weights, steps)["w"], updates.apply_ops(new, updates.fold_ops(new, {"w": delta}))["w"])
+    assert torch.equal(
+        updates.replay(weights, steps)["w"], updates.apply_ops(new, updates.fold_ops(new, {"w": delta}))["w"]
+    )
     threads = torch.get_num_threads()
     one = updates.lowrank_product(ops["w"][1], ops["w"][2])
     torch.set_num_threads(2)
-    assert torch.equal(updates.lowrank_product(ops["w"][1], ops["w"][2]), one)  # thread count does not change bits
+    assert torch.equal(
+        updates.lowrank_product(ops["w"][1], ops["w"][2]), one
+    )  # thread count does not change bits
     torch.set_num_threads(threads)
     with pytest.raises(ValueError, match="'x'"):
         updates.apply_ops(weights, {"x": ("set", torch.zeros(1))})
@@ -248,8 +291,13 @@ def test_the_round_residual_travels_as_a_low_rank_factorisation_of_the_aggregate
     scale = 2.0
     w0 = {"l.weight": torch.randn(40, 30, generator=torch.Generator().manual_seed(5), dtype=torch.float64)}
     state = ContinualState.start(w0)
-    sites = [{"l.lora_A": torch.randn(2, 30, dtype=torch.float64), "l.lora_B": torch.randn(40, 2, dtype=torch.float64)}
-             for _ in range(3)]
+    sites = [
+        {
+            "l.lora_A": torch.randn(2, 30, dtype=torch.float64),
+            "l.lora_B": torch.randn(40, 2, dtype=torch.float64),
+        }
+        for _ in range(3)
+    ]
     state.apply("exact", aggregate("exact", sites, [0.2, 0.3, 0.5], scale))
     (op,) = state.log[0].values()
     assert op[0] == "lowrank" and op[1].shape[1] <= 2 * 4  # rank <= (sites + 1) * r, below the dense 40 x 30

@@ -18,7 +18,7 @@ from test_flower_units import (
     make_strategy,
     reply,
     site_context,  # noqa: F401
-    )
+)
 
 from cl_fed.adapters import adapter_state, attach_lora
 from cl_fed.config import make_config

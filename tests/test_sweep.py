@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 
-from cl_fed.config import DEFAULTS
+from cl_fed.config import DEFAULTS, make_config
 from cl_fed.results import recompute_matrices
 from simulations.report import write_report
 
@@ -31,6 +31,40 @@ def test_unknown_mode_is_a_clear_error(tmp_path):
 
     with pytest.raises(ValueError, match="mode='paper'"):
         run_one({"scenario": "tiny"}, "paper", tmp_path)
+
+
+def test_interrupted_federated_run_is_resumed_from_its_checkpoint(tmp_path, monkeypatch):
+    """A run directory holding the server's checkpoint (server.checkpoint.CHECKPOINT) but no complete
+    results.json is run again with resume=true; without a checkpoint it starts afresh."""
+    from contextlib import contextmanager
+
+    import simulations.flower
+    import simulations.superlink
+    from server.checkpoint import CHECKPOINT
+    from simulations.sweep import run_dir, run_one
+
+    calls = []
+
+    def fake_flwr_run(overrides, env=None, **kwargs):
+        calls.append(dict(overrides))
+        directory = run_dir(make_config(overrides), "federated")
+        directory.mkdir(parents=True, exist_ok=True)
+        (directory / "results.json").write_text(json.dumps({"complete": True}))
+        return directory
+
+    @contextmanager
+    def fake_superlink(work_dir, env=None):
+        yield {}
+
+    monkeypatch.setattr(simulations.flower, "flwr_run", fake_flwr_run)
+    monkeypatch.setattr(simulations.superlink, "private_superlink", fake_superlink)
+    interrupted = run_dir(make_config({"scenario": "tiny", "output-dir": str(tmp_path)}), "federated")
+    interrupted.mkdir(parents=True)
+    (interrupted / CHECKPOINT).write_bytes(b"")
+    assert run_one({"scenario": "tiny"}, "federated", tmp_path) == (interrupted, True)
+    assert run_one({"scenario": "tiny", "seed": 1}, "federated", tmp_path)[1]
+    assert [c.get("resume") for c in calls] == [True, None]
+    assert run_one({"scenario": "tiny"}, "federated", tmp_path) == (interrupted, False) and len(calls) == 2
 
 
 @pytest.mark.slow

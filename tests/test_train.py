@@ -160,7 +160,9 @@ def test_schedules_are_transformers_with_linear_warmup():
     assert lrs("constant", 1) == [1.0]  # a one-step round learns (W = 1: the first step is the peak)
     # no warm-up: peak at once; inverse_sqrt then takes transformers' default timescale 10_000
     assert lrs("constant", 5, warmup=0) == [1.0] * 5
-    assert lrs("inverse_sqrt", 5, warmup=0) == pytest.approx([math.sqrt(1e4 / (1e4 + k + 1)) for k in range(5)])
+    assert lrs("inverse_sqrt", 5, warmup=0) == pytest.approx(
+        [math.sqrt(1e4 / (1e4 + k + 1)) for k in range(5)]
+    )
     for schedule in SCHEDULES:
         for span, warmup in [(20, 0.1), (7, 0.3), (12, 0.0)]:
             expected = transformers_lrs(schedule, num_warmup_steps(warmup, span), span)
