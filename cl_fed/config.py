@@ -56,7 +56,8 @@ DEFAULTS: dict[str, object] = {
     # differential privacy (cl_fed/privacy.py): site-level DP-FedAvg on the adapter updates
     "dp-noise": 0.0,  # noise multiplier z; 0 = DP off (no clipping, no noise)
     # L2 norm each site's adapter update is clipped to: the median unclipped update norm of the tiny model
-    # in the default scenario's first stage was 2.03 (1.89..2.14 over 4 sites x 2 rounds; tiny scenario 0.10..0.14)
+    # in the default scenario's first stage was 2.03 (1.89..2.14 over 4 sites x 2 rounds;
+    # tiny scenario 0.10..0.14)
     "dp-clip": 2.0,
     "dp-delta": 1e-5,  # the delta at which epsilon is reported
 }

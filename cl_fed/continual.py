@@ -31,8 +31,8 @@ from cl_fed.evaluate import evaluate
 from cl_fed.models.base import SpeechModel
 from cl_fed.models.registry import build_model, load_model
 from cl_fed.models.tiny import NAME as TINY_NAME
-from cl_fed.results import Evaluation
 from cl_fed.plan import Train
+from cl_fed.results import Evaluation
 from cl_fed.train import TrainConfig, TrainResult, steps_per_call, train_local
 
 MANIFEST_SUFFIXES = (".jsonl", ".json", ".csv")

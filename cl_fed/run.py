@@ -32,11 +32,10 @@ from cl_fed.continual import (
 )
 from cl_fed.loop import walk
 from cl_fed.models.base import SpeechModel
-from cl_fed.plan import Evaluate, Merge, Train, continual_plan, round_seed, rule_for
-from cl_fed.state import ContinualState
 from cl_fed.paths import runs_root
+from cl_fed.plan import Evaluate, Merge, Train, continual_plan, round_seed, rule_for
 from cl_fed.results import RunRecord
-from cl_fed.train import train_local
+from cl_fed.state import ContinualState
 
 SINGLE_SITE_STRATEGIES = ("centralization", "fedavg", "fedavg-lora")
 

@@ -7,9 +7,10 @@ An operation list maps a weight key to one of
 
 `compress(weight, delta)` turns a dense float64 update into the smaller of the two: a low-rank
 factorisation from its SVD, truncated where singular values fall below the weight's own precision
-(a function of the aggregate only: never a site's own factors), or the dense new weight. `apply_ops` is the one function that server, runner and sites
-use to apply them: float64 accumulation in a fixed order of rank-8 chunks, rounded to the weight's
-dtype once, so the bits do not depend on the thread count.
+(a function of the aggregate only: never a site's own factors), or the dense new weight.
+`apply_ops` is the one function that server, runner and sites use to apply them: float64
+accumulation in a fixed order of rank-8 chunks, rounded to the weight's dtype once, so the bits do
+not depend on the thread count.
 """
 
 from __future__ import annotations
@@ -93,7 +94,7 @@ def fold_ops(weights: dict[str, torch.Tensor], deltas: dict[str, torch.Tensor]) 
 
 
 def to_tensors(steps: list[dict[str, tuple]]) -> dict[str, torch.Tensor]:
-    """A list of operation dicts as flat tensors (an ArrayRecord): '<i>/lowrank/U|V/<key>', '<i>/set/<key>'."""
+    """Operation dicts as flat tensors (an ArrayRecord): '<i>/lowrank/U|V/<key>', '<i>/set/<key>'."""
     out = {}
     for i, ops in enumerate(steps):
         for key, op in ops.items():

@@ -16,10 +16,9 @@ import os
 import time
 from pathlib import Path
 
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
-
-import torch
 
 from cl_fed import protocol as P
 from cl_fed.adapters import adapter_shapes, attach_lora

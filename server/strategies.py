@@ -237,7 +237,7 @@ class FedAvgFull(ContinualStrategy):
     lora = False
 
     def check_reply(self, arrays):
-        # integer buffers (BatchNorm's step counters) are checked for keys, shapes and finiteness like the rest
+        # integer buffers (BatchNorm's step counters): checked for keys, shapes and finiteness like the rest
         super().check_reply(
             {k: v if v.is_floating_point() else v.to(torch.float64) for k, v in arrays.items()}
         )

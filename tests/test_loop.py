@@ -12,6 +12,7 @@ import pytest
 import torch
 from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.supercore.task_identity import TaskIdentity
+from loopback import run_in_process
 
 from cl_fed.aggregation import RESIDUAL, aggregate, fold
 from cl_fed.config import make_config
@@ -21,7 +22,6 @@ from cl_fed.models.registry import load_model
 from cl_fed.plan import Aggregate, Checkpoint, Evaluate, Merge, Train, continual_plan, round_seed
 from cl_fed.run import run_single_site
 from cl_fed.state import ContinualState
-from loopback import run_in_process
 
 STAGES = ["s0", "s1", "s2", "s3"]
 
@@ -97,7 +97,8 @@ def test_exact_aggregate_against_hand_computed_values():
     a1 = {"l.lora_A": torch.tensor([[1.0, 0.0]]), "l.lora_B": torch.tensor([[2.0], [0.0]])}
     a2 = {"l.lora_A": torch.tensor([[0.0, 1.0]]), "l.lora_B": torch.tensor([[0.0], [4.0]])}
     out = aggregate("exact", [a1, a2], [0.25, 0.75], scale=2.0)
-    # means: A = [[.25, .75]], B = [[.5], [3]];  sum p B A = [[.5, 0], [0, 3]];  B_bar A_bar = [[.125, .375], [.75, 2.25]]
+    # means: A = [[.25, .75]], B = [[.5], [3]];  sum p B A = [[.5, 0], [0, 3]];
+    # B_bar A_bar = [[.125, .375], [.75, 2.25]]
     assert torch.allclose(out["l.lora_A"], torch.tensor([[0.25, 0.75]]))
     assert torch.allclose(out["l.lora_B"], torch.tensor([[0.5], [3.0]]))
     expected = 2.0 * (torch.tensor([[0.5, 0.0], [0.0, 3.0]]) - torch.tensor([[0.125, 0.375], [0.75, 2.25]]))

@@ -3,7 +3,6 @@
 import json
 
 import pytest
-import torch
 
 from cl_fed.config import make_config
 from cl_fed.metrics import continual_metrics
