@@ -174,6 +174,7 @@ def measure(name: str, sites: int, stages: int) -> dict:
         merge_ranks=sorted(set(lowrank_ranks(merge_ops[1:]))),
         close_down=close_down,
         close_dense=sum(op[0] == "set" for ops in close_ops for op in ops.values()),
+        close_sent=sum(len(ops) for ops in close_ops),
         adapted_layers=len(adapted),
         adapted_bytes=state_bytes({k: base[k] for k in adapted}),
     )
@@ -236,11 +237,11 @@ def report(m: dict) -> list[float]:
         f"{mib(m['merge_bytes'])}, an adapter's size"
     )
     print(
-        f"  sites within {CLOSE:g}: {m['close_dense']} of {m['adapted_layers']} residuals travel dense "
-        f"(the float64 rounding of the products that cancel reads as rank, past the low-rank break-even)"
+        f"  sites within {CLOSE:g}: {m['close_sent']} of {m['adapted_layers']} residuals sent "
+        f"({m['close_dense']} dense); the rest are below the weights' precision, so nothing changes"
     )
     if m["frozen_bytes"]:
-        print(f"  fedavg's download includes the frozen parameters, unchanged: {mib(m['frozen_bytes'])}")
+        print(f"  fedavg's download leaves out the frozen parameters, unchanged: {mib(m['frozen_bytes'])}")
     target = TARGETS.get(m["key"])
     if target:
         print(f"  target: >= {target:.0f}x smaller; measured {min(ratios):.1f}x at worst (a download)")

@@ -85,7 +85,7 @@ def compute_floor(shapes: Counter, inner: int, repeats: int, clock) -> float:
     for (rows, cols), count in shapes.items():
         left = torch.randn(rows, inner, dtype=torch.float64)
         right = torch.randn(inner, cols, dtype=torch.float64)
-        total += count * best_of(repeats, lambda: torch.mm(left, right), clock)
+        total += count * best_of(repeats, lambda left=left, right=right: torch.mm(left, right), clock)
     return total
 
 
@@ -122,7 +122,11 @@ def bench_subject(subject: Subject, clients: list[int], modes: list[str], repeat
             chosen = adapters[:count]
             weights = example_weights([100 + 7 * i for i in range(count)])
             seconds = best_of(
-                repeats, lambda: centralize(subject.base, chosen, weights, subject.scale, mode), clock
+                repeats,
+                lambda chosen=chosen, weights=weights, mode=mode: centralize(
+                    subject.base, chosen, weights, subject.scale, mode
+                ),
+                clock,
             )
             memory = memory_floor(
                 buffer, adapter_bytes * count + touched_bytes, touched_bytes, repeats, clock

@@ -62,7 +62,8 @@ def run(mode: str, utterances, cache: FeatureCache, args) -> None:
     )
     speed = result.audio_seconds / wall
     print(
-        f"{mode:>4}: {speech.num_parameters(trainable_only=True):>9,} trainable params, {result.steps} steps, "
+        f"{mode:>4}: {speech.num_parameters(trainable_only=True):>9,} trainable params, "
+        f"{result.steps} steps, "
         f"{result.audio_seconds:.0f} s audio in {wall:.1f} s = {speed:.0f}x real time, "
         f"{memory}, final loss {result.step_losses[-1]:.3f}",
         flush=True,

@@ -1,1 +1,4 @@
-"""Deployment Engine: certificates, a SuperLink and SuperNodes with TLS and authentication (see federation.py)."""
+"""Deployment Engine: certificates, a SuperLink and SuperNodes with TLS and authentication.
+
+See federation.py.
+"""

@@ -1,6 +1,7 @@
 """A whole Deployment-Engine federation on this machine: up, one run, down.
 
-    python -m deploy.local --scenario tiny [--sites 2] [--work deploy-work] [--run-config "rounds-per-stage=1"]
+    python -m deploy.local --scenario tiny [--sites 2] [--work deploy-work]
+                           [--run-config "rounds-per-stage=1"]
 
 Makes the certificates (deploy/certs.py), starts a SuperLink with TLS and SuperNode authentication,
 registers one key per site, starts one SuperNode per site (node config `site=<site> data=<scenario>`:
@@ -56,7 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     _, stream = prepare_data(make_config(overrides))  # errors (and data generation) before anything starts
     start = time.perf_counter()
     print(
-        f"[deploy] {len(stream.sites)} SuperNodes ({', '.join(stream.sites)}), work dir {args.work.resolve()}",
+        f"[deploy] {len(stream.sites)} SuperNodes ({', '.join(stream.sites)}), "
+        f"work dir {args.work.resolve()}",
         flush=True,
     )
     with local_federation(

@@ -31,8 +31,8 @@ def main(argv: list[str] | None = None) -> int:
     print((run_dir / "report.md").read_text())
     m = results["metrics"]
     print(
-        f"[cl-fed demo] done in {time.perf_counter() - start:.0f} s: AWER {m['awer']:.1f}%, BWT {m['bwt']:+.1f}, "
-        f"forgetting {m['forgetting']:.1f}"
+        f"[cl-fed demo] done in {time.perf_counter() - start:.0f} s: AWER {m['awer']:.1f}%, "
+        f"BWT {m['bwt']:+.1f}, forgetting {m['forgetting']:.1f}"
     )
     print(f"[cl-fed demo] results: {run_dir / 'results.json'}")
     print(f"[cl-fed demo] report:  {run_dir / 'report.md'}")

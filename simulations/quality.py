@@ -79,7 +79,8 @@ def main(argv: list[str] | None = None) -> int:
     start = time.monotonic()
     for index, (mode, overrides) in enumerate(jobs, 1):
         print(
-            f"[quality {index}/{len(jobs)}] {mode} {overrides} ({(time.monotonic() - start) / 60:.1f} min so far)",
+            f"[quality {index}/{len(jobs)}] {mode} {overrides} "
+            f"({(time.monotonic() - start) / 60:.1f} min so far)",
             flush=True,
         )
         directory, ran = run_one(overrides, mode, out)

@@ -68,7 +68,8 @@ def test_bytes_per_round_counts_the_lora_factors_and_the_operations_sent(capsys)
     assert row("later round of a stage") == (factors, factors + residual)  # the adapter + the residual
     assert residual < layers  # the factors are smaller than the dense layers they change
     close_up, close_down = row("later round, sites' factors within")
-    assert close_up == factors and factors + residual <= close_down <= factors + layers
+    # close sites: residuals below the weights' precision are not sent, the rest at most densely
+    assert close_up == factors and factors <= close_down <= factors + layers
     assert "target: >= 20x smaller" in out
     printed = re.search(
         rf"ratio full / LoRA: up ({NUMBER})x, down after a merge ({NUMBER})x, "

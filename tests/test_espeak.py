@@ -1,4 +1,7 @@
-"""libespeak-ng through ctypes: output format, reproducibility, voice/rate/pitch control, SSML voice switching."""
+"""libespeak-ng through ctypes.
+
+Output format, reproducibility, voice/rate/pitch control, SSML voice switching.
+"""
 
 import numpy as np
 import pytest

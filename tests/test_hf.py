@@ -143,7 +143,9 @@ def test_audiofolder_with_metadata_csv(tmp_path):
     for name in ("a.flac", "sub/b.wav"):
         write_tone(folder / name, 0.5)
     (folder / "metadata.csv").write_text(
-        "file_name,transcription,speaker,site\na.flac,Hello there!,007,plant-a\nsub/b.wav,good day,008,plant-b\n",
+        "file_name,transcription,speaker,site\n"
+        "a.flac,Hello there!,007,plant-a\n"
+        "sub/b.wav,good day,008,plant-b\n",
         encoding="utf-8",
     )
     utts = load_hf_dataset(

@@ -206,8 +206,8 @@ def test_char_vocab_round_trip_and_ctc_decoding(tmp_path):
     with_blanks = [t for i in ids for t in (0, i)]
     assert vocab.decode_ctc(with_blanks) == text
     # blanks separate a real double letter; repeats without a blank collapse
-    l, o = vocab.encode("l")[0], vocab.encode("o")[0]
-    assert vocab.decode_ctc([0, l, l, 0, l, o, o, 0]) == "llo"
+    el, o = vocab.encode("l")[0], vocab.encode("o")[0]
+    assert vocab.decode_ctc([0, el, el, 0, el, o, o, 0]) == "llo"
     vocab.save(tmp_path)
     assert CharVocab.load(tmp_path).tokens == vocab.tokens
     for ch in "äöüßáéíóúñçàèêëîïôûùÿœæâ":

@@ -83,7 +83,10 @@ def audio_info(path: str | Path) -> tuple[float, int, int]:
 
 
 def load_audio(path: str | Path, sample_rate: int = 16000) -> torch.Tensor:
-    """The whole file as a mono float32 1-D tensor at `sample_rate` (channels averaged, resampled if needed)."""
+    """The whole file as a mono float32 1-D tensor at `sample_rate`.
+
+    Channels are averaged; the audio is resampled if needed.
+    """
     path = Path(path)
     _require_file(path)
     _check_wav_complete(path)

@@ -37,7 +37,10 @@ def _is_saved_dataset(folder: Path) -> bool:
 
 
 def _cached_audio_file(data: bytes, name_hint: str, cache_dir: Path) -> str:
-    """Write clip bytes once to cache_dir/<sha256 prefix><suffix>; the same bytes always map to the same file."""
+    """Write clip bytes once to cache_dir/<sha256 prefix><suffix>.
+
+    The same bytes always map to the same file.
+    """
     suffix = Path(name_hint).suffix.lower() if name_hint else ""
     if not (1 < len(suffix) <= 6):
         suffix = ".audio"  # libsndfile recognises formats by content, so any suffix works

@@ -216,7 +216,10 @@ def check_rows(
 
 
 def _canonical(fields: dict) -> dict:
-    """Rename aliased columns (audio_filepath -> audio, duration -> seconds) unless the real name is present."""
+    """Rename aliased columns (audio_filepath -> audio, duration -> seconds).
+
+    An alias is left alone when the real name is present.
+    """
     out = dict(fields)
     for alias, name in FIELD_ALIASES.items():
         if alias in out and name not in out:

@@ -15,7 +15,8 @@ Schema::
       conditions: {languages: [en], domain: [assembly, packaging]}
     stages:                  # required, ordered, >= 1
       - name: en-noisy       # required, unique, not "foundation"
-        test_utterances: 60  # required: one shared test set per stage, drawn in turn from each site's conditions
+        test_utterances: 60  # required: one shared test set per stage,
+                             # drawn in turn from each site's conditions
         conditions: {...}    # defaults for every site in this stage
         sites:               # optional per-site overrides, merged key by key over `conditions`
           factory-b: {noise: hum, snr_db: [5, 10]}

@@ -46,8 +46,9 @@ class SiteStream:
             )
         if self.current is not None and stage_index < self.current:
             raise StreamError(
-                f"site {self.site!r} is at stage {self.current} ({self.stages[self.current]!r}) and cannot go back to "
-                f"stage {stage_index} ({self.stages[stage_index]!r}): the stream is rehearsal-free"
+                f"site {self.site!r} is at stage {self.current} ({self.stages[self.current]!r}) "
+                f"and cannot go back to stage {stage_index} ({self.stages[stage_index]!r}): "
+                "the stream is rehearsal-free"
             )
         for stage in self.stages[:stage_index]:
             self._train.pop(stage, None)  # released: a site never gets old stage data back
@@ -90,7 +91,8 @@ class StageStream:
         if sites is None:
             if "" in sites_in_data:
                 raise StreamError(
-                    f"{source}: train rows without a site (e.g. {next(u.id for u in train if not u.site)!r}); "
+                    f"{source}: train rows without a site "
+                    f"(e.g. {next(u.id for u in train if not u.site)!r}); "
                     "give every train row a site, e.g. defaults={'site': 'site0'}"
                 )
             sites = sites_in_data
@@ -195,13 +197,19 @@ class StageStream:
         sites: list[str] | None = None,
         **manifest_kwargs: Any,
     ) -> "StageStream":
-        """A stream from a user manifest; keyword arguments go to `load_manifest` (vocab, max_seconds, ...)."""
+        """A stream from a user manifest.
+
+        Keyword arguments go to `load_manifest` (vocab, max_seconds, ...).
+        """
         utterances, summary = load_manifest(path, **manifest_kwargs)
         return cls(utterances, stages, sites, source=str(path), load_summary=summary)
 
     @classmethod
     def from_dataset_dir(cls, path: str | Path, **manifest_kwargs: Any) -> "StageStream":
-        """A stream from a generated dataset folder: manifest.jsonl, and summary.json for stage order and sites."""
+        """A stream from a generated dataset folder.
+
+        Reads manifest.jsonl, and summary.json for stage order and sites.
+        """
         folder = Path(path).expanduser().absolute()
         summary_path = folder / "summary.json"
         if not summary_path.is_file():

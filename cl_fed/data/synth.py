@@ -184,7 +184,8 @@ def _render_all(jobs: list[_Job], out_dir: Path, workers: int, progress: bool) -
             return list(bar(map(render, jobs)))
         finally:
             torch.set_num_threads(threads)
-    # spawn, not fork: the caller may hold torch thread pools or the espeak lock, which fork would copy mid-use
+    # spawn, not fork: the caller may hold torch thread pools or the espeak lock,
+    # which fork would copy mid-use
     with multiprocessing.get_context("spawn").Pool(workers, initializer=_init_worker) as pool:
         return list(bar(pool.imap(render, jobs, chunksize=4)))
 

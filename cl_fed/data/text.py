@@ -189,72 +189,101 @@ def _concepts(rows: str) -> list[dict]:
 
 VOCABULARY = {
     "assembly": {
-        "machines": _concepts("""
-            robot arm/robot arms | roboterarm/roboterarme m | brazo robótico/brazos robóticos m | bras robotisé/bras robotisés m
-            conveyor belt/conveyor belts | förderband/förderbänder n | cinta transportadora/cintas transportadoras f | tapis roulant/tapis roulants m
-            screwdriver station/screwdriver stations | schraubstation/schraubstationen f | estación de atornillado/estaciones de atornillado f | poste de vissage/postes de vissage m
-            press/presses | presse/pressen f | prensa/prensas f | presse/presses f
-            torque wrench/torque wrenches | drehmomentschlüssel/drehmomentschlüssel m | llave dinamométrica/llaves dinamométricas f | clé dynamométrique/clés dynamométriques f
-        """),
-        "parts": _concepts("""
-            screw/screws | schraube/schrauben f | tornillo/tornillos m | vis/vis f
-            bolt/bolts | bolzen/bolzen m | perno/pernos m | boulon/boulons m
-            bracket/brackets | halterung/halterungen f | soporte/soportes m | support/supports m
-            housing/housings | gehäuse/gehäuse n | carcasa/carcasas f | boîtier/boîtiers m
-            gear/gears | zahnrad/zahnräder n | engranaje/engranajes m | engrenage/engrenages m
-            washer/washers | unterlegscheibe/unterlegscheiben f | arandela/arandelas f | rondelle/rondelles f
-        """),
+        "machines": _concepts(
+            "robot arm/robot arms | roboterarm/roboterarme m | brazo robótico/brazos robóticos m"
+            " | bras robotisé/bras robotisés m\n"
+            "conveyor belt/conveyor belts | förderband/förderbänder n"
+            " | cinta transportadora/cintas transportadoras f | tapis roulant/tapis roulants m\n"
+            "screwdriver station/screwdriver stations | schraubstation/schraubstationen f"
+            " | estación de atornillado/estaciones de atornillado f"
+            " | poste de vissage/postes de vissage m\n"
+            "press/presses | presse/pressen f | prensa/prensas f | presse/presses f\n"
+            "torque wrench/torque wrenches | drehmomentschlüssel/drehmomentschlüssel m"
+            " | llave dinamométrica/llaves dinamométricas f | clé dynamométrique/clés dynamométriques f\n"
+        ),
+        "parts": _concepts(
+            "screw/screws | schraube/schrauben f | tornillo/tornillos m | vis/vis f\n"
+            "bolt/bolts | bolzen/bolzen m | perno/pernos m | boulon/boulons m\n"
+            "bracket/brackets | halterung/halterungen f | soporte/soportes m | support/supports m\n"
+            "housing/housings | gehäuse/gehäuse n | carcasa/carcasas f | boîtier/boîtiers m\n"
+            "gear/gears | zahnrad/zahnräder n | engranaje/engranajes m | engrenage/engrenages m\n"
+            "washer/washers | unterlegscheibe/unterlegscheiben f | arandela/arandelas f"
+            " | rondelle/rondelles f\n"
+        ),
     },
     "welding": {
-        "machines": _concepts("""
-            welding robot/welding robots | schweißroboter/schweißroboter m | robot de soldadura/robots de soldadura m | robot de soudage/robots de soudage m
-            spot welder/spot welders | punktschweißgerät/punktschweißgeräte n | soldadora por puntos/soldadoras por puntos f | soudeuse par points/soudeuses par points f
-            welding torch/welding torches | schweißbrenner/schweißbrenner m | antorcha de soldadura/antorchas de soldadura f | torche de soudage/torches de soudage f
-            fume extractor/fume extractors | absauganlage/absauganlagen f | extractor de humos/extractores de humos m | aspirateur de fumées/aspirateurs de fumées m
-            plasma cutter/plasma cutters | plasmaschneider/plasmaschneider m | cortadora de plasma/cortadoras de plasma f | découpeuse plasma/découpeuses plasma f
-        """),
-        "parts": _concepts("""
-            weld seam/weld seams | schweißnaht/schweißnähte f | cordón de soldadura/cordones de soldadura m | cordon de soudure/cordons de soudure m
-            electrode/electrodes | elektrode/elektroden f | electrodo/electrodos m | électrode/électrodes f
-            steel plate/steel plates | stahlplatte/stahlplatten f | placa de acero/placas de acero f | plaque d'acier/plaques d'acier f
-            nozzle/nozzles | düse/düsen f | boquilla/boquillas f | buse/buses f
-            wire spool/wire spools | drahtrolle/drahtrollen f | bobina de alambre/bobinas de alambre f | bobine de fil/bobines de fil f
-            frame/frames | rahmen/rahmen m | bastidor/bastidores m | châssis/châssis m
-        """),
+        "machines": _concepts(
+            "welding robot/welding robots | schweißroboter/schweißroboter m"
+            " | robot de soldadura/robots de soldadura m | robot de soudage/robots de soudage m\n"
+            "spot welder/spot welders | punktschweißgerät/punktschweißgeräte n"
+            " | soldadora por puntos/soldadoras por puntos f | soudeuse par points/soudeuses par points f\n"
+            "welding torch/welding torches | schweißbrenner/schweißbrenner m"
+            " | antorcha de soldadura/antorchas de soldadura f | torche de soudage/torches de soudage f\n"
+            "fume extractor/fume extractors | absauganlage/absauganlagen f"
+            " | extractor de humos/extractores de humos m | aspirateur de fumées/aspirateurs de fumées m\n"
+            "plasma cutter/plasma cutters | plasmaschneider/plasmaschneider m"
+            " | cortadora de plasma/cortadoras de plasma f | découpeuse plasma/découpeuses plasma f\n"
+        ),
+        "parts": _concepts(
+            "weld seam/weld seams | schweißnaht/schweißnähte f"
+            " | cordón de soldadura/cordones de soldadura m | cordon de soudure/cordons de soudure m\n"
+            "electrode/electrodes | elektrode/elektroden f | electrodo/electrodos m"
+            " | électrode/électrodes f\n"
+            "steel plate/steel plates | stahlplatte/stahlplatten f | placa de acero/placas de acero f"
+            " | plaque d'acier/plaques d'acier f\n"
+            "nozzle/nozzles | düse/düsen f | boquilla/boquillas f | buse/buses f\n"
+            "wire spool/wire spools | drahtrolle/drahtrollen f | bobina de alambre/bobinas de alambre f"
+            " | bobine de fil/bobines de fil f\n"
+            "frame/frames | rahmen/rahmen m | bastidor/bastidores m | châssis/châssis m\n"
+        ),
     },
     "packaging": {
-        "machines": _concepts("""
-            labeling machine/labeling machines | etikettiermaschine/etikettiermaschinen f | etiquetadora/etiquetadoras f | étiqueteuse/étiqueteuses f
-            pallet wrapper/pallet wrappers | palettenwickler/palettenwickler m | envolvedora de palés/envolvedoras de palés f | banderoleuse/banderoleuses f
-            carton sealer/carton sealers | kartonverschließer/kartonverschließer m | precintadora/precintadoras f | fermeuse de cartons/fermeuses de cartons f
-            filling machine/filling machines | abfüllmaschine/abfüllmaschinen f | llenadora/llenadoras f | remplisseuse/remplisseuses f
-            shrink tunnel/shrink tunnels | schrumpftunnel/schrumpftunnel m | túnel de retracción/túneles de retracción m | tunnel de rétraction/tunnels de rétraction m
-        """),
-        "parts": _concepts("""
-            carton/cartons | karton/kartons m | caja/cajas f | carton/cartons m
-            label/labels | etikett/etiketten n | etiqueta/etiquetas f | étiquette/étiquettes f
-            bottle/bottles | flasche/flaschen f | botella/botellas f | bouteille/bouteilles f
-            lid/lids | deckel/deckel m | tapa/tapas f | couvercle/couvercles m
-            pallet/pallets | palette/paletten f | palé/palés m | palette/palettes f
-            film roll/film rolls | folienrolle/folienrollen f | rollo de film/rollos de film m | rouleau de film/rouleaux de film m
-        """),
+        "machines": _concepts(
+            "labeling machine/labeling machines | etikettiermaschine/etikettiermaschinen f"
+            " | etiquetadora/etiquetadoras f | étiqueteuse/étiqueteuses f\n"
+            "pallet wrapper/pallet wrappers | palettenwickler/palettenwickler m"
+            " | envolvedora de palés/envolvedoras de palés f | banderoleuse/banderoleuses f\n"
+            "carton sealer/carton sealers | kartonverschließer/kartonverschließer m"
+            " | precintadora/precintadoras f | fermeuse de cartons/fermeuses de cartons f\n"
+            "filling machine/filling machines | abfüllmaschine/abfüllmaschinen f | llenadora/llenadoras f"
+            " | remplisseuse/remplisseuses f\n"
+            "shrink tunnel/shrink tunnels | schrumpftunnel/schrumpftunnel m"
+            " | túnel de retracción/túneles de retracción m"
+            " | tunnel de rétraction/tunnels de rétraction m\n"
+        ),
+        "parts": _concepts(
+            "carton/cartons | karton/kartons m | caja/cajas f | carton/cartons m\n"
+            "label/labels | etikett/etiketten n | etiqueta/etiquetas f | étiquette/étiquettes f\n"
+            "bottle/bottles | flasche/flaschen f | botella/botellas f | bouteille/bouteilles f\n"
+            "lid/lids | deckel/deckel m | tapa/tapas f | couvercle/couvercles m\n"
+            "pallet/pallets | palette/paletten f | palé/palés m | palette/palettes f\n"
+            "film roll/film rolls | folienrolle/folienrollen f | rollo de film/rollos de film m"
+            " | rouleau de film/rouleaux de film m\n"
+        ),
     },
     "logistics": {
-        "machines": _concepts("""
-            forklift/forklifts | gabelstapler/gabelstapler m | carretilla elevadora/carretillas elevadoras f | chariot élévateur/chariots élévateurs m
-            loading dock/loading docks | laderampe/laderampen f | muelle de carga/muelles de carga m | quai de chargement/quais de chargement m
-            high bay rack/high bay racks | hochregal/hochregale n | estantería alta/estanterías altas f | rayonnage/rayonnages m
-            sorting conveyor/sorting conveyors | sortierband/sortierbänder n | clasificadora/clasificadoras f | trieuse/trieuses f
-            pallet truck/pallet trucks | hubwagen/hubwagen m | transpaleta/transpaletas f | transpalette/transpalettes m
-        """),
-        "parts": _concepts("""
-            crate/crates | kiste/kisten f | cajón/cajones m | caisse/caisses f
-            container/containers | behälter/behälter m | contenedor/contenedores m | conteneur/conteneurs m
-            parcel/parcels | paket/pakete n | paquete/paquetes m | colis/colis m
-            order/orders | auftrag/aufträge m | pedido/pedidos m | commande/commandes f
-            shipment/shipments | sendung/sendungen f | envío/envíos m | expédition/expéditions f
-            spare part/spare parts | ersatzteil/ersatzteile n | repuesto/repuestos m | pièce de rechange/pièces de rechange f
-        """),
+        "machines": _concepts(
+            "forklift/forklifts | gabelstapler/gabelstapler m"
+            " | carretilla elevadora/carretillas elevadoras f | chariot élévateur/chariots élévateurs m\n"
+            "loading dock/loading docks | laderampe/laderampen f | muelle de carga/muelles de carga m"
+            " | quai de chargement/quais de chargement m\n"
+            "high bay rack/high bay racks | hochregal/hochregale n | estantería alta/estanterías altas f"
+            " | rayonnage/rayonnages m\n"
+            "sorting conveyor/sorting conveyors | sortierband/sortierbänder n"
+            " | clasificadora/clasificadoras f | trieuse/trieuses f\n"
+            "pallet truck/pallet trucks | hubwagen/hubwagen m | transpaleta/transpaletas f"
+            " | transpalette/transpalettes m\n"
+        ),
+        "parts": _concepts(
+            "crate/crates | kiste/kisten f | cajón/cajones m | caisse/caisses f\n"
+            "container/containers | behälter/behälter m | contenedor/contenedores m"
+            " | conteneur/conteneurs m\n"
+            "parcel/parcels | paket/pakete n | paquete/paquetes m | colis/colis m\n"
+            "order/orders | auftrag/aufträge m | pedido/pedidos m | commande/commandes f\n"
+            "shipment/shipments | sendung/sendungen f | envío/envíos m | expédition/expéditions f\n"
+            "spare part/spare parts | ersatzteil/ersatzteile n | repuesto/repuestos m"
+            " | pièce de rechange/pièces de rechange f\n"
+        ),
     },
 }
 DOMAINS = tuple(VOCABULARY)
