@@ -104,6 +104,11 @@ def train(msg: Message, context: Context) -> Message:
     data = site.stream.site(site.name).enter(step.stage)
     if not data:
         raise ValueError(f"site {site.name} has no training data in stage {step.stage}")
+    if site.cfg.strategy == "local" and site.position >= step.server_round:
+        raise ValueError(
+            f"site {site.name} (local) already holds round {site.position}, the server asks for "
+            f"round {step.server_round}: a local run resumes only from its last round"
+        )
     if P.ADAPTER in msg.content and site.cfg.strategy != "local":
         adapter = _tensors(msg.content[P.ADAPTER])
     elif step.start == "continue" and site.cfg.strategy != "local":
@@ -121,11 +126,6 @@ def train(msg: Message, context: Context) -> Message:
     if fault and fault["fault"] == "nan":
         update = {k: torch.full_like(v, float("nan")) for k, v in update.items()}
     if site.cfg.strategy == "local":  # the site is its own federation: apply the plan's next steps
-        if site.position >= step.server_round:
-            raise ValueError(
-                f"site {site.name} (local) already holds round {site.position}, the server asks for "
-                f"round {step.server_round}: a local run resumes only from its last round"
-            )
         plan = continual_plan(site.cfg, site.stream.stages)
         state = site.state
         for later in steps_after(plan, step):

@@ -89,10 +89,8 @@ def run_server(grid: Grid, run_config: dict) -> Path:
     strategy = build_strategy(cfg)
     if strategy.lora:
         spec = lora_spec(cfg, speech)
-        probe = attach_lora(
-            copy.deepcopy(speech.model), spec, seed=cfg.seed
-        )  # the adapters' names and shapes
-        shapes = adapter_shapes(probe)
+        # the adapters' names and shapes, from a probe (the server itself evaluates a plain model)
+        shapes = adapter_shapes(attach_lora(copy.deepcopy(speech.model), spec, seed=cfg.seed))
         scale = spec.scale
     else:
         shapes, scale = {k: tuple(v.shape) for k, v in base.items()}, 1.0
@@ -138,7 +136,7 @@ def run_server(grid: Grid, run_config: dict) -> Path:
         )
         timeout = cfg.round_timeout + (120 if step.server_round == 1 else 0)  # first round: workers start
         replies = grid.send_and_receive(messages, timeout=timeout)
-        aggregated, _ = strategy.aggregate_train(step.server_round, replies)
+        aggregated, metrics = strategy.aggregate_train(step.server_round, replies)
         entry = {
             **strategy.round_log,
             "stage": step.stage,
@@ -147,14 +145,7 @@ def run_server(grid: Grid, run_config: dict) -> Path:
             "seconds": round(time.perf_counter() - tick, 3),
             "merged": False,
         }
-        entry["loss"] = (
-            (
-                sum(x * n for x, n in zip(entry["losses"], entry["num_examples"]))
-                / max(sum(entry["num_examples"]), 1)
-            )
-            if entry["losses"]
-            else None
-        )
+        entry["loss"] = float(metrics[P.TRAIN_LOSS]) if entry["losses"] else None  # example-weighted
         record.rounds.append(entry)
         if cfg.dp_noise:
             record.privacy = privacy_now(cfg, record.rounds)

@@ -571,8 +571,6 @@ def site_context(tmp_path, partition: int, node_id: int, **overrides) -> Context
         "output-dir": str(tmp_path),
         "rounds-per-stage": 1,
         "run-name": f"unit-{tmp_path.name}",
-        # one optimizer step per round here (8 utterances, batch 16): with warm-up that step runs at lr 0
-        "warmup": 0.0,
         **overrides,
     }
     return Context(

@@ -10,17 +10,22 @@ import math
 import numpy as np
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
+from flwr.app import ConfigRecord, Message, MessageType, RecordDict
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 from opacus.accountants import RDPAccountant
 from test_flower_units import (
     in_memory_grid,
     make_strategy,
     reply,
-    site_context,  # noqa: F401
+    send,
+    site_context,
+    task_identity,  # noqa: F401  (pytest fixtures: autouse, and the tiny model's base)
+    tiny,  # noqa: F401
+    train_steps,
 )
 
-from cl_fed.adapters import adapter_state, attach_lora
+from cl_fed import protocol as P
+from cl_fed.adapters import adapter_state, attach_lora, fresh_factors
 from cl_fed.config import make_config
 from cl_fed.models.registry import build_model
 from cl_fed.models.tiny import NAME as TINY
@@ -35,7 +40,7 @@ from cl_fed.privacy import (
 )
 from cl_fed.results import RunRecord, render_report
 from clients import client_app
-from server.server_app import fresh_adapter, privacy_now
+from server.server_app import privacy_now
 
 DP = {"merge": "factors", "weighting": "uniform", "dp-noise": 0.7}
 
@@ -145,93 +150,81 @@ def test_dp_config_and_run_names():
 
 
 # ---- the client mod and the server's aggregate on real messages ----------------------------------
-@pytest.fixture(scope="module")
-def speech_and_spec(tiny):
-    speech = build_model(TINY, seed=0)
-    return speech, tiny["spec"]
+def dp_strategy(tiny, clip: float):
+    return make_strategy(tiny, **DP, **{"dp-clip": clip, "rounds-per-stage": 2})
 
 
-def dp_strategy(tiny, speech_and_spec, clip: float):
-    strategy = make_strategy(tiny, num_sites=2, **DP, **{"dp-clip": clip, "rounds-per-stage": 2})
-    speech, spec = speech_and_spec
-    strategy.fresh_adapter = lambda seed: fresh_adapter(speech, spec, seed)
-    strategy.stage, strategy.round, strategy.last_round_of_stage = 0, 0, False
-    return strategy
-
-
-def test_the_clipping_mod_clips_a_real_site_update_and_the_server_noises_the_mean(
-    tiny, speech_and_spec, tmp_path
-):
+def test_the_clipping_mod_clips_a_real_site_update_and_the_server_noises_the_mean(tiny, tmp_path):
     clip = 0.02  # the tiny scenario's updates measure 0.10..0.14: every one is clipped
-    strategy = dp_strategy(tiny, speech_and_spec, clip)
+    strategy = dp_strategy(tiny, clip)
+    first, second = train_steps(strategy.cfg)[:2]
     grid, nodes = in_memory_grid(2)
-    messages = list(strategy.configure_train(1, ArrayRecord(), ConfigRecord(), grid))
-    # every site gets the fresh adapter it would have drawn itself, and the clipping norm under Flower's key
-    speech, spec = speech_and_spec
-    drawn = adapter_state(attach_lora(build_model(TINY, seed=0).model, spec, seed=strategy.adapter_seed()))
-    start = messages[0].content["adapter"].to_torch_state_dict()
-    assert all(torch.equal(start[k], drawn[k]) for k in drawn) and list(start) == list(drawn)
-    assert all(m.content["config"][KEY_CLIPPING_NORM] == clip for m in messages)
-    assert all(
-        m.content["config"]["sync"] == "full" for m in messages
-    )  # the mod must cope with two ArrayRecords
+    start = fresh_factors(tiny["reference"], first.seed)  # what the ServerApp passes for a fresh round
+    messages = send(strategy, grid, first, start)
+    # with DP every site gets the adapter it starts from (the mod measures the update from it), and the
+    # clipping norm under Flower's key
+    drawn = adapter_state(attach_lora(build_model(TINY, seed=0).model, tiny["spec"], seed=first.seed))
+    sent = messages[0].content[P.ADAPTER].to_torch_state_dict()
+    assert all(torch.equal(sent[k], drawn[k]) for k in drawn) and list(sent) == list(drawn)
+    assert all(m.content[P.CONFIG][KEY_CLIPPING_NORM] == clip for m in messages)
+    assert all(m.content[P.CONFIG][P.SYNC] == P.SYNC_FULL for m in messages)  # the mod copes with two records
 
     raw, replies = [], []
     for i, msg in enumerate(messages):
 
         def train_and_keep(m, ctx):
             out = client_app.train(m, ctx)
-            raw.append({k: v.clone() for k, v in out.content["arrays"].to_torch_state_dict().items()})
+            raw.append({k: v.clone() for k, v in out.content[P.ARRAYS].to_torch_state_dict().items()})
             return out
 
         context = site_context(tmp_path, i, nodes[i], **DP, **{"dp-clip": clip})
         replies.append(client_app.clip_adapter_update(msg, context, train_and_keep))
     for before, answer in zip(raw, replies):
         assert not answer.has_error()
-        after = answer.content["arrays"].to_torch_state_dict()
+        after = answer.content[P.ARRAYS].to_torch_state_dict()
         assert update_norm(before, start) > 3 * clip  # it trained, far beyond the norm
         assert update_norm(after, start) == pytest.approx(clip, rel=1e-4)
         factor = clip / update_norm(before, start)  # the direction is kept
         assert all(
             torch.allclose(after[k] - start[k], (before[k] - start[k]) * factor, atol=1e-7) for k in after
         )
-        assert set(answer.content.config_records) == {"site"} and "metrics" in answer.content
+        assert set(answer.content.config_records) == {P.SITE} and P.METRICS in answer.content
 
     # the server: the mean of the clipped updates plus N(0, (z C / n)^2), seeded by the round
-    strategy.aggregate_train(1, replies)
+    aggregated, _ = strategy.aggregate_train(1, replies)
+    noised = aggregated.to_torch_state_dict()
     std = 0.7 * clip / 2
     assert strategy.round_log["dp_noise_std"] == std
-    clipped = [clip_update(r.content["arrays"].to_torch_state_dict(), start, clip) for r in replies]
-    expected = noised_mean(clipped, std, noise_seed(strategy.adapter_seed()))
-    assert all(torch.equal(strategy.state.adapter[k], expected[k]) for k in expected)
+    clipped = [clip_update(r.content[P.ARRAYS].to_torch_state_dict(), start, clip) for r in replies]
+    expected = noised_mean(clipped, std, noise_seed(first.seed))
+    assert set(noised) == set(expected) and all(torch.equal(noised[k], expected[k]) for k in expected)
     plain = noised_mean(clipped, 0.0, 0)
-    noise = torch.cat([(strategy.state.adapter[k] - plain[k]).flatten() for k in plain]).to(torch.float64)
+    noise = torch.cat([(noised[k] - plain[k]).flatten() for k in plain]).to(torch.float64)
     assert abs(float(noise.std()) - std) < 0.05 * std
 
     # a site without the mod: the server clips its update itself, to the same aggregate (up to float32)
-    unclipped = dp_strategy(tiny, speech_and_spec, clip)
-    again = list(unclipped.configure_train(1, ArrayRecord(), ConfigRecord(), grid))
-    old = strategy.state.checksum
-    unclipped.aggregate_train(1, [reply(m, a, 8, f"s{i}", old) for i, (m, a) in enumerate(zip(again, raw))])
-    assert all(torch.allclose(unclipped.state.adapter[k], expected[k], atol=1e-6) for k in expected)
+    unclipped = dp_strategy(tiny, clip)
+    again = send(unclipped, grid, first, start)
+    old = unclipped.sync.checksum
+    answers = [reply(m, a, 8, f"s{i}", old) for i, (m, a) in enumerate(zip(again, raw))]
+    by_server = unclipped.aggregate_train(1, answers)[0].to_torch_state_dict()
+    assert all(torch.allclose(by_server[k], expected[k], atol=1e-6) for k in expected)
 
     # the next round continues from the noised mean, and measures the updates from it
-    strategy.round, strategy.last_round_of_stage = 1, True
-    second = list(strategy.configure_train(2, ArrayRecord(), ConfigRecord(), grid))
-    for msg in second:
+    for msg in send(strategy, grid, second, expected):
         assert all(
-            torch.equal(msg.content["adapter"].to_torch_state_dict()[k], expected[k]) for k in expected
+            torch.equal(msg.content[P.ADAPTER].to_torch_state_dict()[k], expected[k]) for k in expected
         )
 
 
 def test_the_mod_passes_other_messages_through(tiny, tmp_path):
     msg = Message(
-        RecordDict({"config": ConfigRecord({"stage": 0})}), dst_node_id=1, message_type=MessageType.EVALUATE
+        RecordDict({P.CONFIG: ConfigRecord({P.STAGE: 0})}), dst_node_id=1, message_type=MessageType.EVALUATE
     )
-    answer = Message(RecordDict({"metrics": ConfigRecord({"x": 1})}), reply_to=msg)
+    answer = Message(RecordDict({P.METRICS: ConfigRecord({"x": 1})}), reply_to=msg)
     assert client_app.clip_adapter_update(msg, site_context(tmp_path, 0, 1), lambda m, c: answer) is answer
     train = Message(
-        RecordDict({"config": ConfigRecord({"stage": 0})}), dst_node_id=1, message_type=MessageType.TRAIN
+        RecordDict({P.CONFIG: ConfigRecord({P.STAGE: 0})}), dst_node_id=1, message_type=MessageType.TRAIN
     )
     assert client_app.clip_adapter_update(train, site_context(tmp_path, 0, 1), lambda m, c: answer) is answer
 
