@@ -1,7 +1,8 @@
 """Flower plumbing for in-process tests: the real ServerApp loop and ClientApp handlers, no processes.
 
-`LoopbackGrid` hands each message to the real ClientApp handler of its node in this process and
-turns an exception into an error reply as the ClientApp runtime does; `in_memory_grid` is Flower's
+`LoopbackGrid` hands each message to the real ClientApp handler of its node in this process, through
+the mods the real ClientApp installs (`MODS`, in its order), and turns an exception into an error
+reply as the ClientApp runtime does; `in_memory_grid` is Flower's
 own InMemoryGrid over an in-memory LinkState. `run_in_process(run_config, sites)` drives
 server.server_app.run_server over a LoopbackGrid of one context per site (partition ids 0..n-1).
 """
@@ -23,8 +24,22 @@ from flwr.superlink.federation import NoOpFederationManager
 from flwr.superlink.grid.inmemory_grid import InMemoryGrid
 
 from clients import client_app
+from clients.audit import audit_messages
 
 RUN_ID = 4242
+# what clients/client_app.py installs, outermost first: ClientApp(mods=[audit_messages, clip_adapter_update])
+MODS = (audit_messages, client_app.clip_adapter_update)
+
+
+def with_mods(handler, mods=MODS):
+    """`handler` wrapped in `mods` as Flower's ClientApp chains them: mods[0] sees the message first."""
+
+    def wrap(mod, call_next):
+        return lambda msg, context: mod(msg, context, call_next)
+
+    for mod in reversed(mods):
+        handler = wrap(mod, handler)
+    return handler
 
 
 def in_memory_grid(num_nodes: int) -> tuple[InMemoryGrid, list[int]]:
@@ -62,7 +77,7 @@ class LoopbackGrid(Grid):
     def send_and_receive(self, messages, *, timeout=None):
         replies = []
         for msg in messages:
-            handler = (
+            handler = with_mods(
                 client_app.train if msg.metadata.message_type == MessageType.TRAIN else client_app.evaluate
             )
             self.sent.append(msg)
@@ -107,9 +122,16 @@ def site_contexts(run_config: dict, sites: int, run_id: int = RUN_ID) -> dict[in
     }
 
 
+_RUNS = 0
+
+
 def run_in_process(run_config: dict, sites: int):
-    """(run directory, grid) of a federated run through the real ServerApp loop and ClientApp handlers."""
+    """(run directory, grid) of a federated run through the real ServerApp loop and ClientApp handlers.
+    Each call is a new run (its own run id, as Flower gives one), so sites never reuse an earlier
+    run's state unless it resumes."""
     from server.server_app import run_server
 
-    grid = LoopbackGrid(site_contexts(run_config, sites))
+    global _RUNS
+    _RUNS += 1
+    grid = LoopbackGrid(site_contexts(run_config, sites, run_id=RUN_ID + _RUNS))
     return run_server(grid, run_config), grid

@@ -1,8 +1,9 @@
-"""Real `flwr run` simulations of the tiny scenario against a SuperLink this module starts.
+"""A real `flwr run` simulation of the tiny scenario against a SuperLink this module starts.
 
-Checks results.json end to end, that no message carries audio, features or transcripts, that
-an injected client crash and a NaN update are survived and recorded, and that a run killed
-after a round and resumed ends exactly like an uninterrupted one.
+Checks results.json end to end, that no message carries audio, features or transcripts, and that
+an injected client crash and a NaN update are survived and recorded. Resuming after a server crash,
+a wrong number of SuperNodes and differential privacy run in-process (tests/test_inprocess_runs.py);
+the real-process kill-and-resume is in tests/test_deployment.py.
 """
 
 import json
@@ -15,8 +16,7 @@ from cl_fed.data.stream import StageStream
 from cl_fed.data.synth import generate
 from cl_fed.metrics import continual_metrics
 from cl_fed.results import recompute_matrices
-from server.checkpoint import CHECKPOINT
-from simulations.flower import FlowerRunError, flwr_run
+from simulations.flower import flwr_run
 from simulations.superlink import private_superlink
 
 pytestmark = pytest.mark.slow
@@ -108,65 +108,3 @@ def test_centralization_run_results_and_privacy(flower):
                 ), key
         text = json.dumps(row["configs"]) + json.dumps(row["metrics"])
         assert not any(t in text for t in transcripts if len(t) > 8)
-
-
-def test_resume_after_a_server_crash_equals_an_uninterrupted_run(flower):
-    # one round per stage (CI time): the crash comes after stage 1, the resumed run does stage 2
-    common = {"strategy": "fedavg-lora", "rounds-per-stage": 1}
-    whole = run(flower, **{"run-name": "whole", **common})
-    with pytest.raises(FlowerRunError):
-        run(flower, faults={"stop-after-round": 1}, **{"run-name": "crashed", **common})
-    assert (whole.parent / "crashed" / CHECKPOINT).is_file()
-    assert not (whole.parent / "crashed" / "results.json").exists()
-    resumed = run(flower, **{"run-name": "crashed", "resume": True, **common})
-    a = json.loads((whole / "results.json").read_text())
-    b = json.loads((resumed / "results.json").read_text())
-    assert a["wer_matrix"] == b["wer_matrix"] and a["cer_matrix"] == b["cer_matrix"]
-    assert [r["loss"] for r in a["rounds"]] == [r["loss"] for r in b["rounds"]]
-    assert a["base_checksum"] and a["base_checksum"] == b["base_checksum"]
-    # fedavg-lora never merges: the saved model (base + live adapter) is where the runs could differ
-    from safetensors.torch import load_file
-
-    from cl_fed.continual import state_checksum
-
-    saved = [state_checksum(load_file(d / "model" / "model.safetensors")) for d in (whole, resumed)]
-    assert saved[0] == saved[1]
-
-
-def test_wrong_number_of_supernodes_is_a_clear_error(flower):
-    (flower["work"] / "faults.json").write_text("{}")
-    with pytest.raises(FlowerRunError, match="SuperNodes"):
-        flwr_run(
-            {"scenario": "tiny", "output-dir": str(flower["work"] / "runs")},
-            num_supernodes=3,
-            env=flower["env"],
-            stream=False,
-            timeout=600,
-        )
-
-
-def test_differential_privacy_run_noises_what_it_merges(flower):
-    """dp-clip 0.2 is above every update of the tiny scenario (0.10..0.14): nothing is clipped, so
-    all that separates this run from the one without DP is the noise."""
-    import torch
-    from safetensors.torch import load_file
-
-    from cl_fed.models.tiny import LORA_TARGETS
-    from cl_fed.privacy import epsilon
-
-    common = {"merge": "factors", "weighting": "uniform", "rounds-per-stage": 1}  # 2 rounds each: CI time
-    noised = run(flower, **common, **{"dp-noise": 0.5, "dp-clip": 0.2})
-    plain = run(flower, **common)
-    results = json.loads((noised / "results.json").read_text())
-    assert results["complete"] and len(results["rounds"]) == 2
-    assert [r["dp_noise_std"] for r in results["rounds"]] == [0.5 * 0.2 / 2] * 2
-    privacy = results["privacy"]
-    assert privacy["rounds"] == 2 and privacy["noise_multiplier"] == 0.5 and privacy["clipping_norm"] == 0.2
-    assert 0 < privacy["epsilon"] == epsilon(0.5, 1.0, 2, 1e-5) < float("inf")
-    assert "## Differential privacy" in (noised / "report.md").read_text()
-    assert "dp_noise_std" not in json.loads((plain / "results.json").read_text())["rounds"][0]
-    # the merged bases differ, in the LoRA-targeted weights only, by far more than float rounding
-    a, b = load_file(noised / "model" / "model.safetensors"), load_file(plain / "model" / "model.safetensors")
-    changed = {k for k in a if not torch.equal(a[k], b[k])}
-    assert changed and all(k.rsplit(".", 2)[-2] in LORA_TARGETS and k.endswith(".weight") for k in changed)
-    assert max(float((a[k] - b[k]).abs().max()) for k in changed) > 1e-3
