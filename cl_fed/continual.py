@@ -14,14 +14,7 @@ from pathlib import Path
 
 import torch
 
-from cl_fed.adapters import (
-    LoraSpec,
-    adapter_shapes,
-    adapter_state,
-    fresh_factors,
-    load_adapter_state,
-    load_base_state,
-)
+from cl_fed.adapters import LoraSpec, adapter_state, fresh_factors, load_adapter_state, load_base_state
 from cl_fed.config import RunConfig
 from cl_fed.data.scenario import Scenario, load_scenario
 from cl_fed.data.stream import StageStream
@@ -129,11 +122,12 @@ def train_round(
     if step.start == "full":
         speech.model.load_state_dict(weights)
     else:
+        if adapter is None:
+            raise ValueError(
+                f"round {step.server_round} trains LoRA factors but was given no adapter to start from"
+            )
         load_base_state(speech.model, weights)
-        load_adapter_state(
-            speech.model,
-            adapter if adapter is not None else fresh_factors(adapter_shapes(speech.model), step.seed),
-        )
+        load_adapter_state(speech.model, adapter)
     result = train_local(speech, data, train_config(cfg, step, len(data), progress=progress))
     if step.start == "full":
         update = {k: v.detach().to("cpu").clone() for k, v in speech.model.state_dict().items()}
