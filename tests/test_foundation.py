@@ -14,7 +14,6 @@ from cl_fed.train import TrainConfig
 BUDGET = TrainConfig(max_steps=25, batch_size=8, lr=3e-3, warmup=0.2, schedule="constant")
 
 
-@pytest.mark.slow
 def test_foundation_base_trains_caches_and_reloads(tmp_path):
     path = foundation_base("tiny", cache_dir=tmp_path, progress=False, train_config=BUDGET)
     assert path.parent == tmp_path / "bases"

@@ -211,7 +211,6 @@ def test_one_site_federation_equals_the_single_site_runner(tmp_path):
     assert [row[s] for s in one["stages"]] == one["wer_matrix"][-1]
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize(
     "overrides",
     [

@@ -11,7 +11,6 @@ from cl_fed.results import recompute_matrices
 from cl_fed.run import main, run_joint, run_single_site
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("every", ["stage", "2", "round"])
 def test_single_site_runner_writes_consistent_results(tmp_path, every):
     cfg = make_config(
@@ -33,7 +32,6 @@ def test_single_site_runner_writes_consistent_results(tmp_path, every):
     assert "foundation" in results["other_test_sets"]
 
 
-@pytest.mark.slow
 def test_joint_upper_bound_trains_once_on_every_stage(tmp_path):
     cfg = make_config(
         {
