@@ -11,8 +11,16 @@ from __future__ import annotations
 
 import secrets
 
+import pytest
+import torch
 from flwr.app import Context, Error, Message, MessageType, RecordDict
-from flwr.common.constant import HEARTBEAT_INTERVAL_INF, NOOP_ACCOUNT_NAME, NOOP_FLWR_AID, ErrorCode
+from flwr.common.constant import (
+    HEARTBEAT_INTERVAL_INF,
+    NOOP_ACCOUNT_NAME,
+    NOOP_FLWR_AID,
+    SUPERLINK_NODE_ID,
+    ErrorCode,
+)
 from flwr.proto.task_pb2 import Task  # pylint: disable=no-name-in-module
 from flwr.server.superlink.linkstate import LinkStateFactory
 from flwr.server.superlink.linkstate.in_memory_linkstate import RunRecord as LinkRunRecord
@@ -20,6 +28,7 @@ from flwr.serverapp import Grid
 from flwr.supercore.constant import FLWR_IN_MEMORY_DB_NAME, NOOP_FEDERATION_ID
 from flwr.supercore.object_store import ObjectStoreFactory
 from flwr.supercore.run import Run
+from flwr.supercore.task_identity import TaskIdentity
 from flwr.superlink.federation import NoOpFederationManager
 from flwr.superlink.grid.inmemory_grid import InMemoryGrid
 
@@ -27,6 +36,23 @@ from clients import client_app
 from clients.audit import audit_messages
 
 RUN_ID = 4242
+
+
+@pytest.fixture(autouse=True)
+def one_thread_and_task_identity(monkeypatch):
+    """Import into a test module that runs in process: sites train with 1 thread (clients/client_app.py),
+    so the runner must too to compare bits; messages built outside a Flower process need the task
+    identity Flower sets in its processes; no faults unless a test injects them."""
+    monkeypatch.delenv("CL_FED_FAULTS_FILE", raising=False)
+    threads = torch.get_num_threads()
+    saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, RUN_ID, SUPERLINK_NODE_ID
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
+
+
 # what clients/client_app.py installs, outermost first: ClientApp(mods=[audit_messages, clip_adapter_update])
 MODS = (audit_messages, client_app.clip_adapter_update)
 

@@ -15,29 +15,19 @@ import json
 import pytest
 import torch
 from flwr.app import MessageType
-from flwr.common.constant import SUPERLINK_NODE_ID
-from flwr.supercore.task_identity import TaskIdentity
-from loopback import MODS, LoopbackGrid, run_in_process, site_contexts
+from loopback import (
+    MODS,
+    LoopbackGrid,
+    one_thread_and_task_identity,  # noqa: F401  (autouse fixture)
+    run_in_process,
+    site_contexts,
+)
 
 from cl_fed.faults import InjectedCrash
 from cl_fed.models.registry import load_model
 from clients import client_app
 from server import server_app
 from server.checkpoint import CHECKPOINT
-
-
-@pytest.fixture(autouse=True)
-def one_thread_and_task_identity(monkeypatch):
-    """As in tests/test_loop.py: sites train with 1 thread; messages built outside a Flower process need
-    the task identity Flower sets in its processes; no faults unless a test injects them."""
-    monkeypatch.delenv("CL_FED_FAULTS_FILE", raising=False)
-    threads = torch.get_num_threads()
-    saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 4242, SUPERLINK_NODE_ID
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
 
 
 def results(run_dir) -> dict:

@@ -10,9 +10,10 @@ import json
 
 import pytest
 import torch
-from flwr.common.constant import SUPERLINK_NODE_ID
-from flwr.supercore.task_identity import TaskIdentity
-from loopback import run_in_process
+from loopback import (
+    one_thread_and_task_identity,  # noqa: F401  (autouse fixture)
+    run_in_process,
+)
 
 from cl_fed.aggregation import RESIDUAL, aggregate, fold
 from cl_fed.config import make_config
@@ -24,20 +25,6 @@ from cl_fed.run import run_single_site
 from cl_fed.state import ContinualState
 
 STAGES = ["s0", "s1", "s2", "s3"]
-
-
-@pytest.fixture(autouse=True)
-def one_thread_and_task_identity(monkeypatch):
-    """Sites train with 1 thread (clients/client_app.py); the runner must too to compare bits. Messages
-    built outside a Flower process need the task identity Flower sets in its processes."""
-    monkeypatch.delenv("CL_FED_FAULTS_FILE", raising=False)
-    threads = torch.get_num_threads()
-    saved = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 4242, SUPERLINK_NODE_ID
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = saved
 
 
 # ---- the plan ----------------------------------------------------------------------------------
