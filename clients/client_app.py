@@ -38,7 +38,7 @@ def clip_adapter_update(msg: Message, context: Context, call_next) -> Message:
     returned factors minus the adapter it received) to the norm the server sends.
 
     That mod takes the message's only ArrayRecord as the model the update starts from; ours may also
-    carry the base or a merge instruction, so it is handed a view holding just the starting adapter
+    carry the weights or their update operations, so it is handed a view holding just the starting adapter
     and the clipping norm, and the app itself still gets the whole message. Other messages (DP off,
     evaluation) pass through untouched."""
     config = msg.content.config_records.get(P.CONFIG) if msg.has_content() else None
