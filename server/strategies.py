@@ -180,8 +180,8 @@ class ContinualStrategy(FedAvg):
             examples.append(n)
             losses.append(float(metrics[P.TRAIN_LOSS]))
             lrs.append(float(metrics.get(P.LR_MEAN, float("nan"))))
-        self.round_log.update(lr_mean=sum(lrs) / len(lrs) if lrs else None)
         self.round_log.update(
+            lr_mean=sum(lrs) / len(lrs) if lrs else None,
             clients_used=used,
             clients_dropped=dropped,
             rows_skipped=skipped,
