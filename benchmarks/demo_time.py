@@ -2,9 +2,10 @@
 
     python -m benchmarks.demo_time [--scenario default]
 
-Targets (issue 4): under 10 minutes from a fresh clone once installed (speech synthesis and base
-pre-training included), under 5 minutes when cached. Uses a private cache and FLWR_HOME so it
-measures a cold start whatever the machine has cached; prints the figures, asserts nothing.
+Targets (issue 11): <= 15 minutes from a fresh clone including `make install` (about 1.5 min;
+speech synthesis included, the default base is committed), <= 6 minutes when cached.
+Uses a private cache and FLWR_HOME so it measures a cold start whatever the machine has cached;
+prints the figures, asserts nothing.
 """
 
 from __future__ import annotations

@@ -13,6 +13,7 @@ Only LoRA on ``nn.Linear`` layers is supported (weight is out x in, delta = scal
 from __future__ import annotations
 
 import math
+import warnings
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -116,7 +117,12 @@ def attach_lora(model: nn.Module, spec: LoraSpec, seed: int) -> peft.PeftModel:
         bias="none",
     )
     # peft draws its own init from the global RNG; fork so attaching never shifts the caller's.
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+        # peft 0.21 reads transformers' deprecated `is_gradient_checkpointing` on every model it wraps
+        # (a FutureWarning no argument of ours avoids)
+        warnings.filterwarnings(
+            "ignore", message=r"`is_gradient_checkpointing` is deprecated", category=FutureWarning
+        )
         peft_model = peft.get_peft_model(model, config)
     _check_linear_only(peft_model, DEFAULT_ADAPTER)
     reset_adapters(peft_model, seed)

@@ -69,7 +69,7 @@ def starting_model(cfg: RunConfig, scenario: Scenario | None, progress: bool = T
             )
         from cl_fed.models.foundation import foundation_base
 
-        return load_model(foundation_base(scenario, seed=cfg.seed, progress=progress))
+        return load_model(foundation_base(scenario, progress=progress))
     return build_model(cfg.model, allow_download=cfg.allow_download, seed=cfg.seed)
 
 

@@ -140,9 +140,11 @@ class RunRecord:
             "initial_cer": [self.initial.cer[s] for s in self.stages] if self.initial else None,
             "joint_wer": joint_wer,
             "single_task_wer": single_task_wer,
-            # other test sets (e.g. the foundation domain): WER after each stage
+            # other test sets (e.g. the foundation domain): WER before the first stage and after each
             "other_test_sets": {
                 k: {
+                    "initial_wer": self.initial.wer.get(k) if self.initial else None,
+                    "initial_cer": self.initial.cer.get(k) if self.initial else None,
                     "wer": [e.wer.get(k) for e in self.after_stage],
                     "cer": [e.cer.get(k) for e in self.after_stage],
                 }
@@ -257,3 +259,8 @@ def render_report(data: dict) -> str:
             "",
         ]
     return "\n".join(lines)
+
+
+def wer_line(label: str, wers: dict[str, float]) -> str:
+    """`[cl-fed] after welding-hum: WER welding-hum 36.2, ...`: one progress line per evaluation."""
+    return f"[cl-fed] {label}: WER " + ", ".join(f"{k} {v:.1f}" for k, v in wers.items())

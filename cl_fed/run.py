@@ -34,7 +34,7 @@ from cl_fed.loop import walk
 from cl_fed.models.base import SpeechModel
 from cl_fed.paths import runs_root
 from cl_fed.plan import Evaluate, Merge, Train, continual_plan, round_seed, rule_for
-from cl_fed.results import RunRecord
+from cl_fed.results import RunRecord, wer_line
 from cl_fed.state import ContinualState
 
 SINGLE_SITE_STRATEGIES = ("centralization", "fedavg", "fedavg-lora")
@@ -84,6 +84,7 @@ def run_single_site(cfg: RunConfig, site: str = "all", progress: bool = True) ->
     )
     state = ContinualState.start({k: v.detach().clone() for k, v in evaluator.model.state_dict().items()})
     record.initial = evaluate_weights(evaluator, state.evaluated(scale), sets, "initial")
+    _say(progress, wer_line("starting base", record.initial.wer))
     views = {s: stream.site(s) for s in sites}
 
     def train(step: Train) -> dict:
@@ -105,9 +106,7 @@ def run_single_site(cfg: RunConfig, site: str = "all", progress: bool = True) ->
     def evaluate(step: Evaluate) -> None:
         record.after_stage.append(evaluate_weights(evaluator, state.evaluated(scale), sets, step.label))
         row = record.after_stage[-1].wer
-        _say(
-            progress, f"[cl-fed] after {step.label}: WER " + ", ".join(f"{k} {v:.1f}" for k, v in row.items())
-        )
+        _say(progress, wer_line(f"after {step.label}", row))
 
     def merged(step: Merge) -> None:
         record.rounds[-1]["merged"] = step.commit

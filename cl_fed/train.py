@@ -24,11 +24,11 @@ from dataclasses import dataclass, field
 
 import torch
 import transformers
-from tqdm.auto import tqdm
 
 from cl_fed.data.audio import load_audio
 from cl_fed.data.utterance import Utterance
 from cl_fed.models.base import SpeechModel
+from cl_fed.progress import Progress
 
 SCHEDULES = ("inverse_sqrt", "cosine", "linear", "constant")
 AMP_MODES = ("auto", "bf16", "fp16", "none")
@@ -55,7 +55,8 @@ class TrainConfig:
     weight_decay [0.01] (AdamW); grad_clip [1.0]: max global gradient norm, 0 disables;
     spec_augment [True]; seed [0]: batching, SpecAugment and dropout;
     amp ["auto"]: "auto" = bf16 (fp16 without bf16 support) autocast only on CUDA, else "bf16", "fp16",
-        "none"; progress [True]: a tqdm bar.
+        "none"; progress [True]: a bar in a terminal, else one line per epoch (cl_fed.progress); a
+        string turns it on and starts each line (e.g. "[factory-a] stage 1 round 1"), False turns it off.
     """
 
     epochs: int = 1
@@ -71,7 +72,7 @@ class TrainConfig:
     spec_augment: bool = True
     seed: int = 0
     amp: str = "auto"
-    progress: bool = True
+    progress: bool | str = True
 
     def __post_init__(self) -> None:
         if self.schedule not in SCHEDULES:
@@ -248,6 +249,16 @@ def _freeze_frozen_batchnorm(model: torch.nn.Module) -> None:
                 module.eval()
 
 
+def epoch_line(progress: bool | str, epoch: tuple[int, int], losses: list[float], since: float) -> str:
+    """`<label>: epoch 1/2, 63 steps, loss 1.234, 12.3 s`: one epoch of `train_local` in a log."""
+    label = progress if isinstance(progress, str) else "[cl-fed] train"
+    seconds = time.perf_counter() - since
+    return (
+        f"{label}: epoch {epoch[0]}/{epoch[1]}, {len(losses)} steps, "
+        f"loss {sum(losses) / len(losses):.3f}, {seconds:.1f} s"
+    )
+
+
 def train_local(
     speech: SpeechModel,
     utterances: list[Utterance],
@@ -292,7 +303,9 @@ def train_local(
         torch.manual_seed(config.seed)  # dropout
         speech.model.train()
         _freeze_frozen_batchnorm(speech.model)
-        bar = tqdm(total=total_steps, desc="train", unit="step", disable=not config.progress, leave=False)
+        bar = Progress(total_steps, "train", "step", enabled=bool(config.progress), leave=False)
+        per_epoch = math.ceil(len(utterances) / config.batch_size)
+        epoch_start, epoch_tick = 0, time.perf_counter()
         try:
             batches: list[list[int]] = []
             for step in range(total_steps):
@@ -327,8 +340,11 @@ def train_local(
                 optimizer.zero_grad(set_to_none=True)
                 step_losses.append(loss.item())
                 audio_seconds += sum(entries[i][1] for i in indices)
-                bar.update(1)
-                bar.set_postfix(loss=f"{step_losses[-1]:.3f}")
+                bar.update(loss=f"{step_losses[-1]:.3f}")
+                if (step + 1) % per_epoch == 0 or step + 1 == total_steps:  # an epoch (or max_steps) ends
+                    epoch = (step // per_epoch + 1, math.ceil(total_steps / per_epoch))
+                    bar.line(epoch_line(config.progress, epoch, step_losses[epoch_start:], epoch_tick))
+                    epoch_start, epoch_tick = step + 1, time.perf_counter()
         finally:
             bar.close()
             speech.model.train(was_training)

@@ -122,7 +122,11 @@ def train(msg: Message, context: Context) -> Message:
         raise InjectedCrash(f"injected fault at site {site.name}")
     if fault and fault["fault"] == "sleep":
         time.sleep(float(fault.get("seconds", 30)))
-    update, result = train_round(site.speech, data, site.cfg, step, site.state.weights, adapter)
+    # a line per epoch in the run's log, named so that the sites' interleaved lines can be told apart
+    label = f"[{site.name}] stage {step.stage + 1} round {step.round + 1}"
+    update, result = train_round(
+        site.speech, data, site.cfg, step, site.state.weights, adapter, progress=label
+    )
     if fault and fault["fault"] == "nan":
         update = {k: torch.full_like(v, float("nan")) for k, v in update.items()}
     if site.cfg.strategy == "local":  # the site is its own federation: apply the plan's next steps

@@ -38,7 +38,7 @@ from cl_fed.loop import walk
 from cl_fed.paths import runs_root
 from cl_fed.plan import Evaluate, Merge, Train, continual_plan, rule_for
 from cl_fed.privacy import privacy_report
-from cl_fed.results import Evaluation, RunRecord
+from cl_fed.results import Evaluation, RunRecord, wer_line
 from cl_fed.state import ContinualState
 from server.checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint
 from server.strategies import WeightsSync, build_strategy, last_line, load_optimizer_state, optimizer_state
@@ -124,6 +124,7 @@ def run_server(grid: Grid, run_config: dict) -> Path:
     if record.initial is None:
         print(f"[cl-fed] {run_name}: evaluating the starting base", flush=True)
         record.initial = evaluate("initial")
+        print(wer_line("starting base", record.initial.wer), flush=True)
 
     def train(step: Train) -> dict | None:
         tick = time.perf_counter()
@@ -167,10 +168,7 @@ def run_server(grid: Grid, run_config: dict) -> Path:
     def after_stage(step: Evaluate) -> None:
         record.after_stage.append(evaluate(step.label))
         wers = record.after_stage[-1].wer
-        print(
-            f"[cl-fed] after {step.label}: WER " + ", ".join(f"{k} {v:.1f}" for k, v in wers.items()),
-            flush=True,
-        )
+        print(wer_line(f"after {step.label}", wers), flush=True)
 
     def save(step, index: int) -> None:
         save_checkpoint(checkpoint, state, record, index, optimizer_state(strategy))

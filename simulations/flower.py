@@ -135,10 +135,14 @@ def flwr_run(
 def wait_for_run(run_id: str, env: dict, timeout: float | None = None, superlink: str | None = None) -> dict:
     """Poll the SuperLink until the run has finished (`flwr run` without --stream returns at once)."""
     deadline = time.monotonic() + (timeout or 24 * 3600)
+    unknown = 0
     while True:
         status = run_status(run_id, env, superlink)
         if str(status.get("status", "")).startswith("finished") or time.monotonic() > deadline:
             return status
+        unknown = 0 if status else unknown + 1
+        if unknown >= 3:  # a SuperLink that restarted has lost its runs: this one would never finish
+            raise FlowerRunError(f"run {run_id} is unknown to the SuperLink (did it restart?)")
         time.sleep(2.0)
 
 
@@ -158,7 +162,10 @@ def run_status(run_id: str, env: dict, superlink: str | None = None) -> dict:
         env=env,
         capture_output=True,
         text=True,
-        check=True,
     )
+    if done.returncode != 0:  # with its output, so that a retry can tell a SuperLink gone from a bug
+        raise FlowerRunError(
+            f"flwr ls failed (exit {done.returncode}):\n{(done.stdout + done.stderr)[-3000:]}"
+        )
     runs = json.loads(done.stdout).get("runs", [])
     return runs[0] if runs else {}

@@ -249,7 +249,7 @@ def group_runs(runs: list[dict]) -> list[Row]:
         label = re.sub(r"-seed\d+", "", run["run_name"])
         rows.setdefault(key, Row(label)).runs.append(run)
     labels = [row.label for row in rows.values()]
-    prefix = _common_scenario_prefix(labels)
+    prefix = _common_scenario_prefix(labels, {scenario_and_seed(run)[0] for run in runs})
     for row in rows.values():
         row.label = row.label[len(prefix) :] or row.label
     return sorted(rows.values(), key=lambda row: row.label)
@@ -266,7 +266,11 @@ def comparable(config: dict) -> dict:
     return {**effective, **{k: v for k, v in config.items() if k not in DEFAULTS}}
 
 
-def _common_scenario_prefix(labels: list[str]) -> str:
+def _common_scenario_prefix(labels: list[str], scenarios: set[str] = frozenset()) -> str:
+    """The scenario name every label starts with: the runs' one scenario when they share it (names
+    such as `new-languages` hold a hyphen), else the labels' common first word."""
+    if len(scenarios) == 1 and all(label.startswith(f"{next(iter(scenarios))}-") for label in labels):
+        return f"{next(iter(scenarios))}-"
     first = {label.split("-", 1)[0] for label in labels}
     return next(iter(first)) + "-" if len(first) == 1 and all("-" in label for label in labels) else ""
 

@@ -7,17 +7,21 @@
 Keys are the run-config keys of `cl_fed.config.DEFAULTS` (scenario, model, strategy,
 centralize-every, merge, lora-rank, rounds-per-stage, sites, seed, ...), plus `sweep` (the name
 of the sweep folder) and `mode`: `federated` runs the Flower app on Flower's simulation engine
-(a private SuperLink per run; the same path as `flwr run .`), `single-site` runs the paper's
+(one private SuperLink for the whole sweep; the same path as `flwr run .`), `single-site` runs the paper's
 setting (`cl_fed.run`), `joint` the centralized joint-training upper bound.
 
 Resumable: a run whose results.json is complete is not run again (rerun the same command after an
 interruption; a run stopped midway resumes from its last round's checkpoint), and combinations
-that train the same way (e.g. fedavg under two schedules, which it ignores) run once.
+that train the same way (e.g. fedavg under two schedules, which it ignores) run once. A run that
+fails for infrastructure reasons (Ray start-up, the SuperLink gone) is retried twice from its
+checkpoint; other failures are not.
 """
 
 from __future__ import annotations
 
+import atexit
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -62,8 +66,10 @@ def is_complete(directory: Path) -> bool:
         return False
 
 
-def run_one(overrides: dict, mode: str, output_dir: Path) -> tuple[Path, bool]:
-    """Run one configuration unless it is complete already; returns (run directory, ran)."""
+def run_one(overrides: dict, mode: str, output_dir: Path, env: dict | None = None) -> tuple[Path, bool]:
+    """Run one configuration unless it is complete already; returns (run directory, ran).
+    `env`: the environment of a SuperLink to submit federated runs to (SharedSuperLink.env());
+    None starts a private one for this run only."""
     if mode not in MODES:
         raise ValueError(f"mode={mode!r}; choose one of {', '.join(MODES)}")
     overrides = {**overrides, "output-dir": str(output_dir)}
@@ -78,8 +84,11 @@ def run_one(overrides: dict, mode: str, output_dir: Path) -> tuple[Path, bool]:
 
         if (directory / CHECKPOINT).is_file():
             overrides["resume"] = True  # a run interrupted midway goes on from its last round
-        with private_superlink(Path(output_dir) / ".flower") as env:
+        if env is not None:
             flwr_run(overrides, env=env)
+        else:
+            with private_superlink(Path(output_dir) / ".flower") as env:
+                flwr_run(overrides, env=env)
     elif mode == "single-site":
         from cl_fed.run import run_single_site
 
@@ -91,6 +100,110 @@ def run_one(overrides: dict, mode: str, output_dir: Path) -> tuple[Path, bool]:
     if not is_complete(directory):
         raise RuntimeError(f"the run ended without a complete {directory / 'results.json'}")
     return directory, True
+
+
+# (pattern, short reason): failures of the machinery around a run, not of the run itself. Each names
+# something only Ray, the SuperLink or the Flower CLI says, so that a bug in our code, whose
+# traceback shares the same output, is not mistaken for one.
+INFRASTRUCTURE = [
+    (r"timed out during startup", "Ray node start-up timed out"),
+    (r"\bGCS\b|gcs_server|GcsClient|GcsRpc", "Ray GCS not reachable"),
+    (r"raylet died|raylet (?:crashed|exited|is terminated)|RayletDied|marked dead", "Ray raylet died"),
+    (r"ActorDiedError|ActorUnavailableError|WorkerCrashedError|NodeDiedError", "a Ray worker died"),
+    (r"ray\.exceptions\.OutOfMemoryError|node running low on memory", "Ray killed a worker for memory"),
+    (r"Connection to the SuperLink is unavailable", "SuperLink not reachable"),
+    (
+        r"Connection refused|ConnectError|ConnectTimeout|failed to connect to all addresses",
+        "connection refused",
+    ),
+    (r"StatusCode\.UNAVAILABLE|Server disconnected|RemoteProtocolError", "SuperLink connection lost"),
+    (r"SuperLink did not come up|Failed to start local SuperLink", "SuperLink did not start"),
+    (r"shared SuperLink died", "SuperLink died"),
+    (r"unknown to the SuperLink", "the SuperLink lost the run"),
+]
+ATTEMPTS = 3  # a run and up to two retries
+
+
+def infrastructure_failure(text: str) -> str | None:
+    """Why a failed run's error text (exception, `flwr run` output, SuperLink log) is an infrastructure
+    failure worth retrying, in a few words; None for a genuine error (config, our code)."""
+    for pattern, reason in INFRASTRUCTURE:
+        if re.search(pattern, text, flags=re.IGNORECASE):
+            return reason
+    return None
+
+
+def run_with_retries(
+    overrides: dict, mode: str, output_dir: Path, superlink=None, name: str = "", attempts: int = ATTEMPTS
+) -> tuple[Path, bool]:
+    """run_one, retried (resuming from the run's checkpoint) when it fails for infrastructure reasons.
+    `superlink`: a simulations.superlink.SharedSuperLink for federated runs (restarted if it died);
+    None gives each attempt a private one."""
+    for attempt in range(1, attempts + 1):
+        log_start = _log_size(superlink)
+        try:
+            env = superlink.env() if superlink is not None and mode == "federated" else None
+            return run_one(overrides, mode, output_dir, env=env)
+        except Exception as err:
+            if mode != "federated" or attempt == attempts:
+                raise  # single-site and joint runs have no infrastructure of their own
+            reason = infrastructure_failure(_failure_text(err, superlink, log_start))
+            if reason is None:
+                raise
+            what = f"infrastructure failure ({reason}); attempt {attempt + 1}/{attempts}"
+            print(f"[retry] {name or mode}: {what}", flush=True)
+            if superlink is not None:
+                # a fresh SuperLink, and the failed attempt's simulation stopped: one that lost only its
+                # `flwr run` may still be training, and would write the run's folder beside the retry
+                superlink.close()
+    raise AssertionError("unreachable")
+
+
+def _log_size(superlink) -> int:
+    try:
+        return superlink.log_path.stat().st_size if superlink is not None else 0
+    except OSError:
+        return 0
+
+
+def _failure_text(err: Exception, superlink, log_start: int) -> str:
+    """The error, plus what the shared SuperLink logged during the attempt (the simulation's own
+    errors, e.g. Ray's, may only be there) and whether it is still running."""
+    text = f"{type(err).__name__}: {err}"
+    if superlink is not None:
+        try:
+            with superlink.log_path.open("rb") as log:
+                log.seek(log_start)
+                text += "\n" + log.read()[-20000:].decode("utf-8", "replace")
+        except OSError:
+            pass
+        if superlink.process is not None and not superlink.alive():
+            text += "\nthe shared SuperLink died"
+    return text
+
+
+_SHARED: dict = {}  # the sweep process's one SuperLink: {"superlink": SharedSuperLink}
+
+
+def shared_superlink(output_dir: Path):
+    """The SuperLink every federated run of this hydra sweep submits to: started on first use (a
+    sweep of single-site runs starts none), stopped at the end of the multirun or at exit."""
+    from simulations.superlink import SharedSuperLink
+
+    work = Path(output_dir) / ".flower"
+    current = _SHARED.get("superlink")
+    if current is None or current.work_dir != work:
+        if current is not None:
+            current.close()
+        current = _SHARED["superlink"] = SharedSuperLink(work)
+        atexit.register(current.close)
+    return current
+
+
+def close_shared_superlink() -> None:
+    superlink = _SHARED.pop("superlink", None)
+    if superlink is not None:
+        superlink.close()
 
 
 class SweepProgress(Callback):
@@ -107,6 +220,9 @@ class SweepProgress(Callback):
         SweepProgress.total = sum(len(batch) for batch in BasicSweeper.split_arguments(parsed, None))
         SweepProgress.started = time.monotonic()
         SweepProgress.ran = []
+
+    def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        close_shared_superlink()
 
 
 def progress_line(index: int, name: str) -> str:
@@ -131,7 +247,8 @@ def main(conf: DictConfig) -> None:
     print(progress_line(index, f"{name}: {conf.mode} run"), flush=True)
     start = time.monotonic()
     try:
-        directory, ran = run_one(overrides, conf.mode, output_dir)
+        superlink = shared_superlink(output_dir) if conf.mode == "federated" else None
+        directory, ran = run_with_retries(overrides, conf.mode, output_dir, superlink, name)
     except Exception as err:
         print(f"[sweep {index + 1}/{SweepProgress.total}] {name} FAILED: {err}", file=sys.stderr, flush=True)
         raise

@@ -6,8 +6,8 @@ import time
 import pytest
 
 from cl_fed.data.scenario import load_scenario
-from cl_fed.models import load_model
-from cl_fed.models.foundation import INFO_FILE, foundation_base, foundation_key
+from cl_fed.models import foundation, load_model
+from cl_fed.models.foundation import COMMITTED, FOUNDATION_TRAIN, INFO_FILE, foundation_base, foundation_key
 from cl_fed.models.tiny import TinyFastConformer
 from cl_fed.train import TrainConfig
 
@@ -60,3 +60,42 @@ def test_scenario_without_foundation_data_is_rejected(tmp_path):
     (tmp_path / "s.yaml").write_text(text)
     with pytest.raises(ValueError, match="foundation needs train and test utterances"):
         foundation_base(tmp_path / "s.yaml", cache_dir=tmp_path, progress=False, train_config=BUDGET)
+
+
+def test_scenarios_with_one_foundation_share_one_base():
+    default, second = load_scenario("default"), load_scenario("paint-and-food")
+    assert foundation_key(default, BUDGET) == foundation_key(second, BUDGET)  # stages and sites differ
+    assert foundation_key(default, BUDGET) == foundation_key(default, BUDGET, default.seed)
+    assert foundation_key(default, BUDGET) != foundation_key(load_scenario("new-languages"), BUDGET)
+
+
+def test_the_committed_default_base_is_the_recipe_and_used_without_training(tmp_path):
+    scenario = load_scenario("default")
+    key = foundation_key(scenario, FOUNDATION_TRAIN)
+    path = foundation_base(scenario, cache_dir=tmp_path, progress=False)
+    assert path == COMMITTED / key[:16]  # shipped, so nothing was generated or trained
+    assert not list(tmp_path.iterdir())
+    info = json.loads((path / INFO_FILE).read_text())
+    assert info["key"] == key and info["test_utterances"] == 200 and info["train_utterances"] == 4800
+    assert info["wer"] <= 15.0  # what issue 11 asks of the base
+    assert isinstance(load_model(path), TinyFastConformer)
+
+
+def test_the_regeneration_command_reproduces_its_base(tmp_path, monkeypatch, capsys):
+    """`python -m cl_fed.models.foundation --commit` on the tiny scenario with a short recipe: two
+    regenerations from empty caches ship bit-identical bases under the recipe's key."""
+    monkeypatch.setattr(foundation, "FOUNDATION_TRAIN", BUDGET)
+    shipped = []
+    for attempt in ("a", "b"):
+        monkeypatch.setattr(foundation, "COMMITTED", tmp_path / attempt / "committed")
+        assert (
+            foundation.main(["--scenario", "tiny", "--commit", "--cache-dir", str(tmp_path / attempt)]) == 0
+        )
+        base = tmp_path / attempt / "committed" / foundation_key(load_scenario("tiny"), BUDGET)[:16]
+        assert json.loads((base / INFO_FILE).read_text())["key"] == foundation_key(
+            load_scenario("tiny"), BUDGET
+        )
+        shipped.append((base / "model.safetensors").read_bytes())
+        assert foundation_base("tiny", cache_dir=tmp_path / "empty", train_config=BUDGET) == base
+    assert shipped[0] == shipped[1]
+    assert "committed" in capsys.readouterr().out

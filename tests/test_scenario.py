@@ -36,16 +36,44 @@ def write(tmp_path, data, name="bad.yaml"):
 def test_packaged_default_matches_its_plan():
     s = load_scenario("default")
     assert s.name == "default" and len(s.sites) == 4 and len(s.stages) == 3
-    assert (s.foundation.train_utterances, s.foundation.test_utterances) == (2000, 100)
-    assert s.foundation.conditions.languages == ("en",)
+    assert (s.foundation.train_utterances, s.foundation.test_utterances) == (4800, 200)
+    # the base knows every language the stages use (like a pretrained multilingual model)
+    known = set(s.foundation.conditions.languages)
     for stage in s.stages:
-        assert stage.test_utterances == 60
-        assert all(c.train_utterances == 120 for c in stage.sites.values())
+        assert stage.test_utterances >= 150
+        assert all(c.train_utterances == 250 for c in stage.sites.values())
+        for c in stage.sites.values():
+            assert {part for code in c.languages for part in code.split("-")} <= known
+            assert set(c.domain) != set(s.foundation.conditions.domain)  # every stage brings new talk
+    assert s.stages[0].sites["factory-a"].noise == "hum" and s.stages[0].sites["factory-a"].snr_db[1] <= 10
+    assert all(c.reverb > 0 for c in s.stages[1].sites.values())
+    assert set(s.stages[2].sites["factory-c"].languages) == {"es-en", "de-en"}
+    # sites differ within every stage
+    for stage in s.stages:
+        described = {
+            (
+                c.languages,
+                c.noise,
+                c.snr_db,
+                c.voices["en"],
+                c.voices["es"],
+                c.reverb,
+                c.rt60,
+                c.rate,
+                c.variants,
+                c.gain_db,
+            )
+            for c in stage.sites.values()
+        }
+        assert len(described) == 4
+
+
+def test_packaged_new_languages_keeps_the_english_only_base():
+    s = load_scenario("new-languages")
+    assert s.name == "new-languages" and len(s.sites) == 4
+    assert s.foundation.conditions.languages == ("en",)
+    assert [st.name for st in s.stages] == ["en-welding", "de-hum", "es-codeswitch"]
     assert s.stages[1].sites["factory-a"].languages == ("de",)
-    assert s.stages[1].sites["factory-a"].noise == "hum"
-    assert {"es-en", "de-en"} <= set(s.stages[2].sites["factory-d"].languages)
-    # sites differ within a stage
-    assert len({(c.noise, c.snr_db, c.voices["en"], c.reverb) for c in s.stages[0].sites.values()}) == 4
 
 
 def test_packaged_tiny_is_small():

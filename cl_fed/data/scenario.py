@@ -30,7 +30,8 @@ Condition keys (all optional; a scalar where a range is expected means [x, x]):
     variants          list of espeak voice variants (default [m1, m3, f1, f3])
     rate              [min, max] words per minute, within 80..450 (default [150, 190])
     pitch             [min, max] within 0..99 (default [35, 65])
-    domain            name or list of assembly, welding, packaging, logistics (default assembly)
+    domain            name or list of assembly, welding, packaging, logistics, painting, food
+                      (default assembly)
     noise             none | hum | broadband | mixed (default none)
     snr_db            [min, max] within -20..80 dB (default [20, 30])
     reverb            probability 0..1 of adding reverberation (default 0)

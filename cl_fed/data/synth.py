@@ -25,8 +25,8 @@ import multiprocessing
 import os
 import random
 import shutil
-import sys
 import tempfile
+import time
 from dataclasses import dataclass
 from functools import lru_cache, partial
 from pathlib import Path
@@ -34,7 +34,6 @@ from pathlib import Path
 import soundfile as sf
 import torch
 import torchaudio.transforms as AT
-from tqdm import tqdm
 
 from cl_fed.data import espeak
 from cl_fed.data.acoustics import apply_site_acoustics
@@ -43,6 +42,7 @@ from cl_fed.data.text import CODE_SWITCHED, make_utterance
 from cl_fed.data.utterance import Utterance
 from cl_fed.io import file_lock
 from cl_fed.paths import cache_root
+from cl_fed.progress import Progress
 
 SAMPLE_RATE = 16000
 _MAX_DRAWS = 50  # redraws of an utterance longer than max_seconds before giving up
@@ -173,21 +173,33 @@ def count_utterances(scenario: Scenario) -> int:
 
 
 def _render_all(jobs: list[_Job], out_dir: Path, workers: int, progress: bool) -> list[dict]:
-    bar = partial(
-        tqdm, total=len(jobs), desc="synthesising", unit="utt", file=sys.stderr, disable=not progress
+    start = time.perf_counter()
+    bar = Progress(len(jobs), "synthesising", "utt", enabled=progress)
+    try:
+        records = _render_jobs(jobs, out_dir, workers, bar)
+    finally:
+        bar.close()
+    minutes = sum(r["seconds"] for r in records) / 60
+    bar.line(
+        f"[cl-fed] synthesised {len(records)} utterances ({minutes:.1f} min of speech) "
+        f"in {time.perf_counter() - start:.1f} s"
     )
+    return records
+
+
+def _render_jobs(jobs: list[_Job], out_dir: Path, workers: int, bar: Progress) -> list[dict]:
     render = partial(_render, out_dir=out_dir)
     if workers <= 1 or multiprocessing.current_process().daemon:  # daemonic processes may not have children
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
         try:
-            return list(bar(map(render, jobs)))
+            return list(bar.track(map(render, jobs)))
         finally:
             torch.set_num_threads(threads)
     # spawn, not fork: the caller may hold torch thread pools or the espeak lock,
     # which fork would copy mid-use
     with multiprocessing.get_context("spawn").Pool(workers, initializer=_init_worker) as pool:
-        return list(bar(pool.imap(render, jobs, chunksize=4)))
+        return list(bar.track(pool.imap(render, jobs, chunksize=4)))
 
 
 def _summary(scenario: Scenario, fingerprint: str, records: list[dict]) -> dict:

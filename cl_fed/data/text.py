@@ -285,6 +285,57 @@ VOCABULARY = {
             " | pièce de rechange/pièces de rechange f\n"
         ),
     },
+    "painting": {
+        "machines": _concepts(
+            "spray booth/spray booths | lackierkabine/lackierkabinen f"
+            " | cabina de pintura/cabinas de pintura f | cabine de peinture/cabines de peinture f\n"
+            "paint robot/paint robots | lackierroboter/lackierroboter m"
+            " | robot de pintura/robots de pintura m | robot de peinture/robots de peinture m\n"
+            "drying oven/drying ovens | trockenofen/trockenöfen m | horno de secado/hornos de secado m"
+            " | four de séchage/fours de séchage m\n"
+            "spray gun/spray guns | spritzpistole/spritzpistolen f"
+            " | pistola pulverizadora/pistolas pulverizadoras f"
+            " | pistolet de peinture/pistolets de peinture m\n"
+            "mixing tank/mixing tanks | mischbehälter/mischbehälter m | tanque de mezcla/tanques de mezcla m"
+            " | cuve de mélange/cuves de mélange f\n"
+        ),
+        "parts": _concepts(
+            "car body/car bodies | karosserie/karosserien f | carrocería/carrocerías f"
+            " | carrosserie/carrosseries f\n"
+            "filter mat/filter mats | filtermatte/filtermatten f | manta filtrante/mantas filtrantes f"
+            " | tapis filtrant/tapis filtrants m\n"
+            "paint can/paint cans | farbdose/farbdosen f | lata de pintura/latas de pintura f"
+            " | pot de peinture/pots de peinture m\n"
+            "masking tape/masking tapes | abdeckband/abdeckbänder n"
+            " | cinta de enmascarar/cintas de enmascarar f"
+            " | ruban de masquage/rubans de masquage m\n"
+            "hose/hoses | schlauch/schläuche m | manguera/mangueras f | tuyau/tuyaux m\n"
+            "bumper/bumpers | stoßfänger/stoßfänger m | parachoques/parachoques m | pare-chocs/pare-chocs m\n"
+        ),
+    },
+    "food": {
+        "machines": _concepts(
+            "mixer/mixers | rührwerk/rührwerke n | mezcladora/mezcladoras f | mélangeur/mélangeurs m\n"
+            "bottling line/bottling lines | abfüllanlage/abfüllanlagen f"
+            " | línea de embotellado/líneas de embotellado f"
+            " | ligne d'embouteillage/lignes d'embouteillage f\n"
+            "cooling tunnel/cooling tunnels | kühltunnel/kühltunnel m"
+            " | túnel de enfriamiento/túneles de enfriamiento m"
+            " | tunnel de refroidissement/tunnels de refroidissement m\n"
+            "pasteurizer/pasteurizers | pasteurisierer/pasteurisierer m"
+            " | pasteurizadora/pasteurizadoras f | pasteurisateur/pasteurisateurs m\n"
+            "slicer/slicers | schneidemaschine/schneidemaschinen f | cortadora/cortadoras f"
+            " | trancheuse/trancheuses f\n"
+        ),
+        "parts": _concepts(
+            "tray/trays | tablett/tabletts n | bandeja/bandejas f | plateau/plateaux m\n"
+            "sack/sacks | sack/säcke m | saco/sacos m | sac/sacs m\n"
+            "jar/jars | glas/gläser n | tarro/tarros m | bocal/bocaux m\n"
+            "valve/valves | ventil/ventile n | válvula/válvulas f | vanne/vannes f\n"
+            "seal/seals | dichtung/dichtungen f | junta/juntas f | joint/joints m\n"
+            "batch/batches | charge/chargen f | lote/lotes m | lot/lots m\n"
+        ),
+    },
 }
 DOMAINS = tuple(VOCABULARY)
 
