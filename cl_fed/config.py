@@ -27,10 +27,11 @@ DEFAULTS: dict[str, object] = {
     "merge": "product",  # product (exact mean of B_i A_i) | factors (mean B times mean A)
     "centralize-every": "stage",  # round | stage | K (stages, through an adapter pool)
     "rounds-per-stage": 2,
-    "local-epochs": 1,
+    "local-epochs": 3,
     "batch-size": 16,
-    "lr": 2e-3,  # LoRA learning rate (peak)
-    "full-lr": 5e-4,  # full fine-tuning learning rate (fedavg)
+    # peak learning rates, calibrated on the default scenario's first-stage validation split (issue 11)
+    "lr": 1e-2,  # LoRA
+    "full-lr": 1e-3,  # full fine-tuning (fedavg)
     # local optimisation (cl_fed/train.py): AdamW, warm-up then decay, one schedule per lr-span
     "lr-schedule": "inverse_sqrt",  # inverse_sqrt (the paper's) | cosine | linear | constant
     "lr-span": "stage",  # stage: one schedule over a stage's rounds | round: a new schedule every round

@@ -83,8 +83,8 @@ def test_knobs_a_strategy_ignores_do_not_split_runs():
     assert a.default_run_name() == b.default_run_name() == "default-fedavg-seed0"
     assert a.effective() == b.effective()
     assert (
-        make_config({"strategy": "fedavg", "full-lr": 1e-3}).default_run_name()
-        == "default-fedavg-full-lr0.001-seed0"
+        make_config({"strategy": "fedavg", "full-lr": 2e-3}).default_run_name()
+        == "default-fedavg-full-lr0.002-seed0"
     )
     # local runs the schedule at every site, so its name has the schedule
     assert (

@@ -45,7 +45,7 @@ def test_packaged_default_matches_its_plan():
         for c in stage.sites.values():
             assert {part for code in c.languages for part in code.split("-")} <= known
             assert set(c.domain) != set(s.foundation.conditions.domain)  # every stage brings new talk
-    assert s.stages[0].sites["factory-a"].noise == "hum" and s.stages[0].sites["factory-a"].snr_db[1] <= 10
+    assert s.stages[0].sites["factory-a"].noise == "hum" and s.stages[0].sites["factory-a"].snr_db[1] <= 12
     assert all(c.reverb > 0 for c in s.stages[1].sites.values())
     assert set(s.stages[2].sites["factory-c"].languages) == {"es-en", "de-en"}
     # sites differ within every stage
@@ -66,6 +66,28 @@ def test_packaged_default_matches_its_plan():
             for c in stage.sites.values()
         }
         assert len(described) == 4
+
+
+def test_the_validation_copy_is_default_with_fresh_stage_speech():
+    default, validation = load_scenario("default"), load_scenario("default-validation")
+    assert validation.seed != default.seed and validation.foundation.seed == default.seed
+    assert validation.stages == default.stages and validation.sites == default.sites
+    assert validation.foundation.conditions == default.foundation.conditions
+    assert validation.fingerprint() != default.fingerprint()
+
+
+def test_foundation_seed_is_optional_and_absent_from_old_fingerprints(tmp_path):
+    s = load_scenario("tiny")
+    assert s.foundation.seed is None and "seed" not in s.to_dict()["foundation"]
+    text = (
+        (scenario_module.SCENARIO_DIR / "tiny.yaml")
+        .read_text()
+        .replace("foundation:\n", "foundation:\n  seed: 5\n")
+    )
+    seeded = load_scenario(write(tmp_path, text, "seeded.yaml"))
+    assert seeded.foundation.seed == 5 and seeded.fingerprint() != s.fingerprint()
+    with pytest.raises(ScenarioError, match=r"foundation\.seed: must be an integer"):
+        load_scenario(write(tmp_path, text.replace("seed: 5", "seed: five"), "bad.yaml"))
 
 
 def test_packaged_new_languages_keeps_the_english_only_base():
@@ -212,9 +234,9 @@ ERRORS = [
         "'zz9'",
     ),
     (
-        lambda d: d["stages"][0]["conditions"].update(domain="painting"),
+        lambda d: d["stages"][0]["conditions"].update(domain="baking"),
         "stages[0].conditions.domain",
-        "'painting'",
+        "'baking'",
     ),
     (
         lambda d: d["stages"][0]["conditions"].update(train_utterances=-1),

@@ -202,7 +202,7 @@ def test_utterances_use_their_domain_vocabulary():
 
 
 @pytest.mark.parametrize(
-    "language, domain, needle", [("it", "welding", "'it'"), ("en", "painting", "'painting'")]
+    "language, domain, needle", [("it", "welding", "'it'"), ("en", "baking", "'baking'")]
 )
 def test_make_utterance_rejects_unknown_language_and_domain(language, domain, needle):
     with pytest.raises(ValueError, match=needle):

@@ -10,6 +10,8 @@ Schema::
     max_seconds: 10.0        # utterances longer than this are redrawn (default 10.0)
     sites: [factory-a, factory-b]        # required, unique names, >= 1
     foundation:              # optional: centralised pre-training data for the base model
+      seed: 0                # int, default: the scenario's seed (seeds the foundation data and base;
+                             # a validation copy of a scenario changes `seed` but keeps this one)
       train_utterances: 2000 # int >= 0, default 0
       test_utterances: 100   # int >= 0, default 0
       conditions: {languages: [en], domain: [assembly, packaging]}
@@ -91,6 +93,10 @@ class Foundation:
     train_utterances: int
     test_utterances: int
     conditions: Conditions
+    seed: int | None = None  # None: the scenario's seed
+
+    def data_seed(self, scenario_seed: int) -> int:
+        return scenario_seed if self.seed is None else self.seed
 
 
 @dataclass(frozen=True)
@@ -116,6 +122,8 @@ class Scenario:
         """The resolved content (everything that decides the generated data)."""
         data = asdict(self)
         del data["source"]
+        if data["foundation"]["seed"] is None:  # absent: fingerprints from before the key stay valid
+            del data["foundation"]["seed"]
         return data
 
     def fingerprint(self) -> str:
@@ -383,7 +391,9 @@ def parse_scenario(data: Any, source: str = "<memory>") -> Scenario:
             check.fail(f"sites[{i}]", "duplicate site name", site)
 
     raw_foundation = check.mapping(
-        data.get("foundation") or {}, "foundation", ("train_utterances", "test_utterances", "conditions")
+        data.get("foundation") or {},
+        "foundation",
+        ("seed", "train_utterances", "test_utterances", "conditions"),
     )
     foundation = Foundation(
         train_utterances=check.integer(
@@ -398,6 +408,9 @@ def parse_scenario(data: Any, source: str = "<memory>") -> Scenario:
                 raw_foundation.get("conditions"), "foundation.conditions", check, allow_train=False
             ),
         ),
+        seed=None
+        if raw_foundation.get("seed") is None
+        else check.integer(raw_foundation["seed"], "foundation.seed"),
     )
 
     raw_stages = data["stages"]

@@ -70,7 +70,9 @@ def utterance_seed(scenario_seed: int, stage: str, site: str, split: str, index:
 def _jobs(scenario: Scenario) -> list[_Job]:
     jobs = []
 
-    def add(stage: str, site: str, split: str, index: int, conditions: Conditions) -> None:
+    def add(
+        stage: str, site: str, split: str, index: int, conditions: Conditions, seed: int = scenario.seed
+    ) -> None:
         uid = (
             f"{stage}-{site}-{split}-{index:05d}"
             if site and split == "train"
@@ -82,7 +84,7 @@ def _jobs(scenario: Scenario) -> list[_Job]:
                 stage,
                 site,
                 split,
-                utterance_seed(scenario.seed, stage, site, split, index),
+                utterance_seed(seed, stage, site, split, index),
                 conditions,
                 scenario.max_seconds,
             )
@@ -91,7 +93,7 @@ def _jobs(scenario: Scenario) -> list[_Job]:
     foundation = scenario.foundation
     for split, count in (("train", foundation.train_utterances), ("test", foundation.test_utterances)):
         for i in range(count):
-            add(FOUNDATION, "", split, i, foundation.conditions)
+            add(FOUNDATION, "", split, i, foundation.conditions, foundation.data_seed(scenario.seed))
     for stage in scenario.stages:
         for site, conditions in stage.sites.items():
             for i in range(conditions.train_utterances):

@@ -59,7 +59,17 @@ def foundation_scenario(scenario: Scenario) -> Scenario:
     """The scenario's foundation alone, as a scenario to generate: its data (seeded by the scenario
     seed, independent of stages and sites) and fingerprint are shared by every scenario with the
     same foundation section."""
-    return dataclasses.replace(scenario, name=FOUNDATION, sites=(), stages=(), source=scenario.source)
+    seed = scenario.foundation.data_seed(scenario.seed)
+    foundation = dataclasses.replace(scenario.foundation, seed=None)
+    return dataclasses.replace(
+        scenario,
+        name=FOUNDATION,
+        seed=seed,
+        sites=(),
+        stages=(),
+        foundation=foundation,
+        source=scenario.source,
+    )
 
 
 def foundation_key(scenario: Scenario, train_config: TrainConfig, seed: int | None = None) -> str:
@@ -69,7 +79,7 @@ def foundation_key(scenario: Scenario, train_config: TrainConfig, seed: int | No
         "dataset": foundation_scenario(scenario).fingerprint(),
         "model": {"name": NAME, "encoder": ENCODER_CONFIG, "features": FEATURE_CONFIG},
         "train": config,
-        "seed": scenario.seed if seed is None else seed,
+        "seed": scenario.foundation.data_seed(scenario.seed) if seed is None else seed,
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode("utf-8")).hexdigest()
 
@@ -85,13 +95,19 @@ def foundation_base(
 ) -> Path:
     """Directory of the pre-trained embedded base for `scenario` (trained on first use, then cached).
 
-    `seed` (default: the scenario's seed) seeds the initial weights and the training order.
+    `seed` (default: the foundation's seed, else the scenario's) seeds the initial weights and the
+    training order.
     `cache_dir` replaces `cl_fed.paths.cache_root()` for both the speech data and the bases.
     `committed=False` ignores the shipped bases (to regenerate one).
     """
     if not isinstance(scenario, Scenario):
         scenario = load_scenario(scenario)
-    seed = scenario.seed if seed is None else seed
+    if not (scenario.foundation.train_utterances and scenario.foundation.test_utterances):
+        raise ValueError(
+            f"scenario {scenario.name!r} ({scenario.source}): foundation needs train and test utterances, "
+            f"got {scenario.foundation.train_utterances} train and {scenario.foundation.test_utterances} test"
+        )
+    seed = scenario.foundation.data_seed(scenario.seed) if seed is None else seed
     train_config = dataclasses.replace(train_config or FOUNDATION_TRAIN, seed=seed, progress=progress)
     key = foundation_key(scenario, train_config, seed)
     shipped = committed_base(key) if committed else None
