@@ -9,6 +9,7 @@ from cl_fed.data.scenario import load_scenario
 from cl_fed.models import foundation, load_model
 from cl_fed.models.foundation import COMMITTED, FOUNDATION_TRAIN, INFO_FILE, foundation_base, foundation_key
 from cl_fed.models.tiny import TinyFastConformer
+from cl_fed.paths import project_root
 from cl_fed.train import TrainConfig
 
 BUDGET = TrainConfig(max_steps=25, batch_size=8, lr=3e-3, warmup=0.2, schedule="constant")
@@ -99,3 +100,12 @@ def test_the_regeneration_command_reproduces_its_base(tmp_path, monkeypatch, cap
         assert foundation_base("tiny", cache_dir=tmp_path / "empty", train_config=BUDGET) == base
     assert shipped[0] == shipped[1]
     assert "committed" in capsys.readouterr().out
+
+
+def test_committed_bases_are_found_from_the_checkout_not_from_flowers_app_copy():
+    """`flwr run` runs the apps from a copy of the project that leaves binary files (the weights)
+    out; the shipped bases must be looked up in the checkout cl-fed is installed from."""
+    root = project_root()
+    assert root is not None and COMMITTED == root / "cl_fed" / "models" / "bases"
+    shipped = foundation_base("default", progress=False)
+    assert (shipped / "model.safetensors").is_file() and shipped.parent == COMMITTED

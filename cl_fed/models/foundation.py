@@ -23,6 +23,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -35,12 +36,24 @@ from cl_fed.data.synth import generate
 from cl_fed.evaluate import evaluate
 from cl_fed.io import file_lock
 from cl_fed.models.tiny import ENCODER_CONFIG, FEATURE_CONFIG, NAME, build_tiny
-from cl_fed.paths import cache_root
+from cl_fed.paths import cache_root, project_root
 from cl_fed.train import FeatureCache, TrainConfig, train_local
 
 FOUNDATION_VERSION = 3  # bump when training code changes what a cached base would contain
 INFO_FILE = "foundation.json"
-COMMITTED = Path(__file__).resolve().parent / "bases"  # regenerable bases shipped with the code
+
+
+def _committed_dir() -> Path:
+    """Where the regenerable bases shipped with the code are: in the checkout cl-fed is installed
+    from (Flower runs the apps from a copy of the app that leaves binary files out), else beside
+    this file (an installed wheel, whose package data holds them)."""
+    root = project_root()
+    if root is not None and (root / "cl_fed" / "models").is_dir():
+        return root / "cl_fed" / "models" / "bases"
+    return Path(__file__).resolve().parent / "bases"
+
+
+COMMITTED = _committed_dir()
 # For the default scenario's 4,800 three-language foundation utterances (~4 h of speech). Cosine decay
 # anneals to a sharper optimum than inverse-sqrt in a fixed budget.
 FOUNDATION_TRAIN = TrainConfig(
@@ -56,9 +69,9 @@ FOUNDATION_TRAIN = TrainConfig(
 
 
 def foundation_scenario(scenario: Scenario) -> Scenario:
-    """The scenario's foundation alone, as a scenario to generate: its data (seeded by the scenario
-    seed, independent of stages and sites) and fingerprint are shared by every scenario with the
-    same foundation section."""
+    """The scenario's foundation alone, as a scenario to generate: its data (seeded by the foundation's
+    seed, else the scenario's; independent of stages and sites) and fingerprint are shared by every
+    scenario with the same foundation section."""
     seed = scenario.foundation.data_seed(scenario.seed)
     foundation = dataclasses.replace(scenario.foundation, seed=None)
     return dataclasses.replace(
@@ -140,7 +153,11 @@ def committed_base(key: str) -> Path | None:
     """The shipped base with this key, if there is one."""
     path = COMMITTED / key[:16]
     info = path / INFO_FILE
-    if info.is_file() and json.loads(info.read_text()).get("key") == key:
+    if (
+        info.is_file()
+        and (path / "model.safetensors").is_file()
+        and json.loads(info.read_text())["key"] == key
+    ):
         return path
     return None
 
@@ -198,7 +215,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--cache-dir", default=None, help="default: the project's .cache/")
     args = parser.parse_args(argv)
-    scenario = load_scenario(args.scenario)
+    try:
+        scenario = load_scenario(args.scenario)
+    except (OSError, ValueError) as error:  # one line, naming the file and key
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     if not args.commit:
         path = foundation_base(scenario, cache_dir=args.cache_dir)
         print((path / INFO_FILE).read_text(), end="")
