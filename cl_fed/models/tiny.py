@@ -46,8 +46,10 @@ LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "linear1", "linear2")
 class TinyFastConformer(SpeechModel):
     family = "fastconformer-ctc"
     lora_targets = LORA_TARGETS
-    lora_rank = 8
-    lora_alpha = 16
+    # r=16 (alpha 32, the same scale as r=8/16): on default-validation, centralization after each
+    # stage reached 16.2/36.5/23.9% WER at r=16 vs 18.7/42.0/29.4 at r=8 (seed 0)
+    lora_rank = 16
+    lora_alpha = 32
     # No LoRA dropout: on CPU its 24 Bernoulli draws per step cost a third of a LoRA step
     # (measured 87x -> 131x real time on 2 cores); the model's own dropout and SpecAugment remain.
     lora_dropout = 0.0
