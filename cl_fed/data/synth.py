@@ -253,7 +253,9 @@ def generate(
 
     `scenario` may also be a packaged name or a path. `workers` defaults to the usable cores,
     but small scenarios are generated in-process, where starting worker processes costs more than
-    it saves. The result does not depend on `workers`.
+    it saves. The result does not depend on `workers`. Workers are spawned, so a script that calls
+    this with workers > 1 needs Python's `if __name__ == "__main__":` guard: without it each worker
+    re-runs the script, calls `generate` again and waits forever on the lock its parent holds.
     """
     if not isinstance(scenario, Scenario):
         scenario = load_scenario(scenario)
