@@ -7,10 +7,13 @@ mode and a joint-training upper bound, on one scenario, over seeds; then paired 
     python -m simulations.quality --rows fedavg,joint --seeds 0    # a subset, by configuration name
     python -m simulations.quality --scenario tiny --main --seeds 0,1 --set rounds-per-stage=1  # quick
     python -m simulations.quality --list                           # the configurations and their numbers
+    python -m simulations.quality --plan                           # what is done, what would run
     python -m simulations.quality --table benchmarks/results/quality-default.csv   # README's table
 
 Every federated row runs through `flwr run` (Flower's simulation engine) on one private SuperLink
-shared by all runs. Rerunning skips the runs already complete; a run that fails for infrastructure
+shared by all runs. Rerunning skips the runs already done, complete in the runs folder or as a
+committed CSV row made with the same recipe (run config, scenario data, base and LoRA defaults: see
+`recipe`), so a fresh clone continues from the committed results; a run that fails for infrastructure
 reasons (Ray start-up, the SuperLink gone) is retried twice from its checkpoint. After every
 finished run it rewrites benchmarks/results/quality-<scenario>.csv (one row per configuration and
 seed), quality-<scenario>-paired.csv (centralization - fedavg, paired by seed) and
@@ -22,7 +25,10 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
+import hashlib
 import io
+import json
 import math
 import os
 import re
@@ -33,7 +39,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-from cl_fed.config import make_config
+from cl_fed.config import DEFAULTS, NOT_IN_NAME, make_config
 from cl_fed.io import atomic_write_text
 from cl_fed.paths import project_root, runs_root
 from simulations.report import (
@@ -71,7 +77,15 @@ MAIN = ("centralization-every-stage-product", "fedavg", "fedavg-lora", "joint")
 # the per-run CSV's metric columns: report.COLUMNS (the same values), some renamed for the CSV
 RENAME = {"foundation": "base_domain_wer", "bytes_up": "mb_up", "bytes_down": "mb_down"}
 METRICS = [(RENAME.get(key, key), key, source, title) for key, title, source in COLUMNS]
-CSV_COLUMNS = ["config", "seed", *[m[0] for m in METRICS], "fwt_definition", "run", "joint_reference"]
+CSV_COLUMNS = [
+    "config",
+    "seed",
+    *[m[0] for m in METRICS],
+    "fwt_definition",
+    "run",
+    "joint_reference",
+    "recipe",
+]
 PAIRED_METRICS = [
     ("awer", "AWER", "lower"),
     ("bwt", "BWT", "higher"),
@@ -122,6 +136,58 @@ def select_rows(scenario: str, only=None, names=None, main=False, with_dp=False)
     if unknown:
         raise ValueError(f"unknown configuration(s) {', '.join(unknown)}; known: {', '.join(by_name)}")
     return [by_name[n] for n in names]
+
+
+# ---- recipes: what decides a run's results --------------------------------------------------------
+
+
+@functools.cache
+def _scenario_keys(scenario: str) -> tuple[str, str | None]:
+    """(fingerprint of the scenario's content, key of its embedded base); a manifest has neither."""
+    from cl_fed.data.scenario import load_scenario
+    from cl_fed.models.foundation import base_key
+
+    try:
+        loaded = load_scenario(scenario)
+    except (FileNotFoundError, ValueError):  # a manifest or an unknown name: the name stands for it
+        return str(scenario), None
+    has_base = loaded.foundation.train_utterances and loaded.foundation.test_utterances
+    return loaded.fingerprint(), base_key(loaded) if has_base else None
+
+
+def recipe(mode: str, overrides: dict) -> str:
+    """A short hash of everything that decides a run's results: the mode, the run config as its
+    strategy uses it (ignored knobs at their defaults, names and paths left out), the scenario's
+    content rather than its name, the embedded base and, where LoRA is trained, the model family's
+    LoRA defaults. A committed CSV row whose recipe still matches counts as done, so a fresh clone
+    continues from the committed results; a changed default makes the row stale. (Code changes
+    that alter results without changing a default are not seen: rerun then.)"""
+    from cl_fed.models.tiny import NAME as TINY_NAME
+    from cl_fed.models.tiny import TinyFastConformer
+
+    cfg = make_config({**overrides, "output-dir": "."}, source="quality")
+    if mode == "joint":  # trains like full fine-tuning whatever the strategy (cl_fed.run.run_joint)
+        cfg = make_config({**cfg.to_dict(), "strategy": "fedavg"}, source="quality")
+    values = {k: v for k, v in cfg.effective().to_dict().items() if k not in NOT_IN_NAME}
+    fingerprint, base = _scenario_keys(cfg.scenario)
+    payload = {"mode": mode, "config": {**values, "scenario": fingerprint}, "base": base}
+    if cfg.model == TINY_NAME and values["strategy"] != "fedavg":
+        family = TinyFastConformer
+        payload["lora"] = [
+            family.lora_rank,
+            family.lora_alpha,
+            family.lora_dropout,
+            list(family.lora_targets),
+        ]
+    text = json.dumps(payload, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:12]
+
+
+def run_mode(config: str) -> str:
+    """The mode a configuration name was run in (the names carry it)."""
+    if config == "joint" or config.startswith("joint-"):
+        return "joint"
+    return "single-site" if config.endswith("-single-all") else "federated"
 
 
 # ---- statistics -----------------------------------------------------------------------------------
@@ -235,6 +301,11 @@ def run_record(run: dict) -> dict:
     record["fwt_definition"] = fwt_definition(run)
     record["run"] = Path(run["_dir"]).name
     record["joint_reference"] = run.get("_joint_reference")
+    known = {k: v for k, v in run["config"].items() if k.replace("_", "-") in DEFAULTS}  # not "site", "mode"
+    try:
+        record["recipe"] = recipe(run_mode(record["config"]), known)
+    except ValueError:  # a config from an older version of cl-fed: nothing to compare it with
+        record["recipe"] = None
     return record
 
 
@@ -265,7 +336,7 @@ def to_csv(rows: list[dict], columns: list[str]) -> str:
 
 def read_records(path: str | Path) -> list[dict]:
     """A per-run CSV back into records: numbers as floats, empty cells as None."""
-    text_columns = {"config", "fwt_definition", "run", "joint_reference"}
+    text_columns = {"config", "fwt_definition", "run", "joint_reference", "recipe"}
     records = []
     with open(path, newline="", encoding="utf-8") as f:
         for row in csv.DictReader(f):
@@ -394,7 +465,9 @@ def collect(runs_folder: Path, scenario: str, order: list[str]) -> list[dict]:
     return order_records([run_record(r) for r in mine], order)
 
 
-def results_markdown(scenario: str, records: list[dict], paired: list[dict], command: str, runs: Path) -> str:
+def results_markdown(
+    scenario: str, records: list[dict], paired: list[dict], command: str, source: str
+) -> str:
     stem = Path(str(scenario)).stem
     date = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     return "\n".join(
@@ -404,7 +477,7 @@ def results_markdown(scenario: str, records: list[dict], paired: list[dict], com
             f"- Machine: {machine()}",
             f"- Date: {date} (rewritten after every finished run)",
             f"- Command: `{command}`",
-            f"- Runs: `{runs}`, {len(records)} complete runs of this scenario (from any invocation)",
+            f"- Runs: {len(records)} of this scenario (from any invocation), from {source}",
             "",
             "## Mean ± sample standard deviation over seeds",
             "",
@@ -422,20 +495,52 @@ def results_markdown(scenario: str, records: list[dict], paired: list[dict], com
     )
 
 
-def write_results(scenario: str, runs_folder: Path, results_dir: Path, command: str, order: list[str]) -> int:
-    """Rewrite quality-<scenario>.csv, -paired.csv and .md from the runs folder; returns the runs
-    counted. Atomic writes: a benchmark stopped at any point leaves whole files."""
-    records = collect(runs_folder, scenario, order)
-    if not records:
-        return 0
-    paired = paired_comparisons(records)
+def committed_records(path: Path, recipes: dict[tuple[str, int], str]) -> tuple[list[dict], list[str]]:
+    """The rows of a committed CSV that still count: (kept, stale run names). A row is stale when
+    this invocation knows its configuration (`recipes`: (config, seed) -> recipe) and its recipe is
+    missing or differs; rows of configurations it does not know are kept as they are."""
+    if not path.is_file():
+        return [], []
+    kept, stale = [], []
+    for r in read_records(path):
+        expected = recipes.get((r["config"], int(r["seed"])))
+        if expected is not None and r.get("recipe") != expected:
+            stale.append(r["run"] or f"{r['config']} seed {int(r['seed'])}")
+        else:
+            kept.append(r)
+    return kept, stale
+
+
+def write_results(
+    scenario: str,
+    runs_folder: Path,
+    results_dir: Path,
+    command: str,
+    order: list[str],
+    recipes: dict[tuple[str, int], str] | None = None,
+) -> tuple[int, int]:
+    """Rewrite quality-<scenario>.csv, -paired.csv and .md from the runs folder and the rows of the
+    committed CSV that still count (see committed_records): a run in the folder replaces its
+    committed row, a committed row is never lost to a fresh clone's empty runs folder. Returns
+    (runs from the folder, rows kept from the CSV). Atomic writes: a benchmark stopped at any point
+    leaves whole files."""
     base = results_dir / f"quality-{Path(str(scenario)).stem}"
-    atomic_write_text(base.with_name(base.name + ".csv"), to_csv(records, CSV_COLUMNS))
+    csv_path = base.with_name(base.name + ".csv")
+    fresh = collect(runs_folder, scenario, order)
+    done = {(r["config"], int(r["seed"])) for r in fresh}
+    committed, _ = committed_records(csv_path, recipes or {})
+    kept = [r for r in committed if (r["config"], int(r["seed"])) not in done]
+    records = order_records(fresh + kept, order)
+    if not records:
+        return 0, 0
+    paired = paired_comparisons(records)
+    source = f"`{runs_folder}` ({len(fresh)} runs) and the committed CSV ({len(kept)} rows)"
+    atomic_write_text(csv_path, to_csv(records, CSV_COLUMNS))
     atomic_write_text(base.with_name(base.name + "-paired.csv"), to_csv(paired, PAIRED_COLUMNS))
     atomic_write_text(
-        base.with_name(base.name + ".md"), results_markdown(scenario, records, paired, command, runs_folder)
+        base.with_name(base.name + ".md"), results_markdown(scenario, records, paired, command, source)
     )
-    return len(records)
+    return len(fresh), len(kept)
 
 
 # ---- running --------------------------------------------------------------------------------------
@@ -455,6 +560,7 @@ def jobs_for(
                 seen.add(directory)
                 jobs.append({"mode": mode, "overrides": overrides, "dir": directory, "seed": seed})
                 jobs[-1]["config"] = config_name(directory.name, scenario)
+                jobs[-1]["recipe"] = recipe(mode, overrides)
     return jobs
 
 
@@ -476,13 +582,39 @@ def short_error(err: Exception) -> str:
     return (lines[0] if len(lines) == 1 else f"{lines[0]} ... {lines[-1]}")[:400]
 
 
-def run_jobs(jobs: list[dict], out: Path, write) -> list[str]:
-    """Run the jobs not complete yet, one SuperLink for all; `write()` after every finished run.
-    Returns the failures (a failed run is reported and the benchmark goes on)."""
+def plan(jobs: list[dict], committed: list[dict] = ()) -> list[dict]:
+    """Each job with its `state`: "in runs folder" (complete there), "committed" (a committed CSV
+    row with the same configuration, seed and recipe) or "to run"."""
+    in_csv = {(r["config"], int(r["seed"]), r.get("recipe")) for r in committed}
+    states = []
+    for job in jobs:
+        if is_complete(job["dir"]):
+            state = "in runs folder"
+        elif (job["config"], job["seed"], job["recipe"]) in in_csv:
+            state = "committed"
+        else:
+            state = "to run"
+        states.append({**job, "state": state})
+    return states
+
+
+def run_jobs(jobs: list[dict], out: Path, write, committed: list[dict] = ()) -> list[str]:
+    """Run the jobs not done yet (see plan), one SuperLink for all; `write()` after every finished
+    run. Returns the failures (a failed run is reported and the benchmark goes on)."""
     from simulations.superlink import SharedSuperLink
 
-    pending = [job for job in jobs if not is_complete(job["dir"])]
-    print(f"[quality] {len(jobs) - len(pending)} of {len(jobs)} runs already complete; {len(pending)} to run")
+    states = plan(jobs, committed)
+    pending = [job for job in states if job["state"] == "to run"]
+    folder, csv_rows = (
+        sum(job["state"] == state for job in states) for state in ("in runs folder", "committed")
+    )
+    print(
+        f"[quality] {len(jobs) - len(pending)} of {len(jobs)} runs done ({folder} in {out}, "
+        f"{csv_rows} as committed rows with the same recipe); {len(pending)} to run",
+        flush=True,
+    )
+    if not pending:
+        return []
     start, durations, failures = time.monotonic(), [], []
     with SharedSuperLink(out / ".flower") as superlink:
         for index, job in enumerate(pending, 1):
@@ -542,6 +674,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     )
     parser.add_argument("--list", action="store_true", help="print the configurations and exit")
     parser.add_argument(
+        "--plan", action="store_true", help="print which runs are done and which would run, and exit"
+    )
+    parser.add_argument(
         "--table", default=None, metavar="CSV", help="print the markdown table of a results CSV"
     )
     return parser.parse_args(argv)
@@ -580,12 +715,39 @@ def main(argv: list[str] | None = None) -> int:
     command = shlex.join(["python", "-m", "simulations.quality", *argv])
     order = [row_config(mode, {**overrides, **extra}, args.scenario) for mode, overrides in ALL_ROWS]
 
+    try:
+        jobs = jobs_for(rows, args.scenario, seeds, out, extra)
+    except (FileNotFoundError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    # the recipe every configuration of the table has now, for every seed asked (stale rows drop out)
+    recipes = {
+        (row_config(mode, {**overrides, **extra}, args.scenario), seed): recipe(
+            mode, {**overrides, **extra, "scenario": args.scenario, "seed": seed}
+        )
+        for mode, overrides in ALL_ROWS
+        for seed in seeds
+    }
+    csv_path = results_dir / f"quality-{stem}.csv"
+    committed, stale = committed_records(csv_path, recipes)
+    if stale:
+        print(
+            f"[quality] {len(stale)} rows of {csv_path} were made with other defaults or data and will "
+            f"be replaced: {', '.join(stale)}",
+            flush=True,
+        )
+
+    if args.plan:
+        for job in plan(jobs, committed):
+            print(f"{job['state']:>14}  {job['config']} seed {job['seed']}  (recipe {job['recipe']})")
+        return 0
+
     def write() -> None:
-        written = write_results(args.scenario, out, results_dir, command, order)
-        print(f"[quality] {written} runs in {results_dir / f'quality-{stem}.csv'} and .md", flush=True)
+        fresh, kept = write_results(args.scenario, out, results_dir, command, order, recipes)
+        print(f"[quality] {fresh} runs and {kept} committed rows in {csv_path} and .md", flush=True)
 
     write()  # runs finished by an earlier invocation count from the start
-    failures = run_jobs(jobs_for(rows, args.scenario, seeds, out, extra), out, write)
+    failures = run_jobs(jobs, out, write, committed)
     try:
         write_report(out)  # the full report (plots included) in the runs folder, as simulations.report
     except (FileNotFoundError, ValueError) as err:  # no complete run yet

@@ -403,7 +403,7 @@ def read_csv(path):
 def test_results_csv_and_markdown(benchmark, tmp_path):
     out = tmp_path / "results"
     order = ["fedavg", "centralization-every-stage-product", "joint"]
-    assert write_results("toy", benchmark, out, "python -m simulations.quality --scenario toy", order) == 8
+    assert write_results("toy", benchmark, out, "python -m simulations.quality --scenario toy", order) == (8, 0)
     rows = read_csv(out / "quality-toy.csv")
     assert [(r["config"], r["seed"]) for r in rows] == [
         *[("fedavg", str(s)) for s in (0, 1, 2)],
@@ -454,7 +454,7 @@ def test_results_csv_and_markdown(benchmark, tmp_path):
 
 
 def test_nothing_written_without_complete_runs(tmp_path):
-    assert write_results("toy", tmp_path / "none", tmp_path / "results", "cmd", []) == 0
+    assert write_results("toy", tmp_path / "none", tmp_path / "results", "cmd", []) == (0, 0)
     assert not (tmp_path / "results").exists()
 
 
@@ -463,6 +463,65 @@ def test_table_cli_prints_the_csv_table(benchmark, tmp_path, capsys):
     assert quality.main(["--table", str(tmp_path / "quality-toy.csv")]) == 0
     printed = capsys.readouterr().out
     assert printed.startswith("| Configuration | n | Seeds | AWER |") and "| joint | 2 | 0,1 |" in printed
+
+
+def test_committed_rows_survive_an_empty_runs_folder_and_stale_ones_go(benchmark, tmp_path):
+    out, order = tmp_path / "results", ["fedavg", "centralization-every-stage-product", "joint"]
+    write_results("toy", benchmark, out, "cmd", order)
+    before = read_csv(out / "quality-toy.csv")
+    assert all(r["recipe"] for r in before)
+    # a fresh clone has no runs folder: the committed rows still count, unchanged
+    assert write_results("toy", tmp_path / "none", out, "cmd", order) == (0, 8)
+    assert read_csv(out / "quality-toy.csv") == before
+    # a row whose recipe is not the one this invocation would run now is stale and drops out
+    recipes = {("fedavg", 0): "0123456789ab", ("joint", 1): before[7]["recipe"]}
+    assert write_results("toy", tmp_path / "none", out, "cmd", order, recipes) == (0, 7)
+    kept = [(r["config"], r["seed"]) for r in read_csv(out / "quality-toy.csv")]
+    assert ("fedavg", "0") not in kept and ("joint", "1") in kept
+    # a run in the folder replaces its committed row
+    write_run(tmp_path / "more", results("fedavg", 1, [[20, 80], [50, 50]]))
+    assert write_results("toy", tmp_path / "more", out, "cmd", order) == (1, 6)
+    fedavg = {r["seed"]: r for r in read_csv(out / "quality-toy.csv") if r["config"] == "fedavg"}
+    assert sorted(fedavg) == ["1", "2"] and float(fedavg["1"]["awer"]) == 50.0
+
+
+def test_recipe_follows_what_decides_the_results(monkeypatch, tmp_path):
+    from cl_fed.config import make_config
+    from cl_fed.models.tiny import TinyFastConformer
+
+    recipe = quality.recipe
+    base = {"scenario": "tiny", "seed": 0, "strategy": "centralization"}
+    fedavg = {**base, "strategy": "fedavg"}
+    mine, theirs = recipe("federated", base), recipe("federated", fedavg)
+    assert recipe("federated", {**base, "output-dir": "/x", "run-name": "y", "resume": True}) == mine
+    assert recipe("federated", {**base, "full-lr": 0.5}) == mine  # a knob its strategy ignores
+    assert recipe("federated", make_config(base).to_dict()) == mine  # the config a run saves
+    for changed in ({"lr": 0.5}, {"seed": 1}, {"centralize-every": "round"}):
+        assert recipe("federated", {**base, **changed}) != mine
+    assert recipe("single-site", base) != mine and recipe("joint", base) == recipe("joint", fedavg)
+    scenario = tmp_path / "tiny-copy.yaml"
+    text = (Path(quality.__file__).parents[1] / "cl_fed/data/scenarios/tiny.yaml").read_text()
+    scenario.write_text(text.replace("\nseed: 0\n", "\nseed: 5\n", 1))
+    assert recipe("federated", {**base, "scenario": str(scenario)}) != mine  # the data, not the name
+    monkeypatch.setattr(TinyFastConformer, "lora_rank", TinyFastConformer.lora_rank + 1)
+    assert recipe("federated", base) != mine  # the model family's LoRA default
+    assert recipe("federated", fedavg) == theirs  # full fine-tuning has no LoRA
+
+
+def test_run_jobs_skips_runs_the_committed_csv_holds(monkeypatch, tmp_path, capsys):
+    import simulations.superlink
+
+    def no_superlink(*args, **kwargs):
+        raise AssertionError("a job was run")
+
+    monkeypatch.setattr(simulations.superlink, "SharedSuperLink", no_superlink)
+    jobs = quality.jobs_for([("federated", {"strategy": "fedavg"})], "tiny", [0, 1], tmp_path)
+    committed = [{"config": j["config"], "seed": float(j["seed"]), "recipe": j["recipe"]} for j in jobs]
+    assert quality.run_jobs(jobs, tmp_path, lambda: None, committed) == []
+    assert "2 of 2 runs done (0 in" in capsys.readouterr().out
+    committed[1]["recipe"] = "stale"
+    with pytest.raises(AssertionError, match="a job was run"):
+        quality.run_jobs(jobs, tmp_path, lambda: None, committed)
 
 
 def test_report_labels_drop_a_hyphenated_scenario_name(tmp_path):

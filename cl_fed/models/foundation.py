@@ -97,6 +97,12 @@ def foundation_key(scenario: Scenario, train_config: TrainConfig, seed: int | No
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode("utf-8")).hexdigest()
 
 
+def base_key(scenario: Scenario, seed: int | None = None, train_config: TrainConfig | None = None) -> str:
+    """The key of the base that foundation_base returns for `scenario` (same defaults)."""
+    seed = scenario.foundation.data_seed(scenario.seed) if seed is None else seed
+    return foundation_key(scenario, dataclasses.replace(train_config or FOUNDATION_TRAIN, seed=seed), seed)
+
+
 def foundation_base(
     scenario: Scenario | str | os.PathLike,
     *,
@@ -122,7 +128,7 @@ def foundation_base(
         )
     seed = scenario.foundation.data_seed(scenario.seed) if seed is None else seed
     train_config = dataclasses.replace(train_config or FOUNDATION_TRAIN, seed=seed, progress=progress)
-    key = foundation_key(scenario, train_config, seed)
+    key = base_key(scenario, seed, train_config)
     shipped = committed_base(key) if committed else None
     if shipped is not None:
         return shipped
