@@ -39,8 +39,8 @@ DEFAULTS: dict[str, object] = {
     "weight-decay": 0.01,
     "grad-clip": 1.0,  # max global gradient norm (0 = off)
     "spec-augment": True,
-    "lora-rank": 0,  # 0 = the model family's default (tiny: 16; Whisper: 32, as in the paper)
-    "lora-alpha": 0.0,  # 0 = the model family's default (tiny: 32; Whisper: 64)
+    "lora-rank": 0,  # 0 = the model family's default (tiny and Whisper: 32, as in the paper; CTC: 16)
+    "lora-alpha": 0.0,  # 0 = the model family's default (tiny and Whisper: 64; CTC: 32)
     "lora-dropout": -1.0,  # < 0 = the model family's default (0.05)
     "weighting": "examples",  # examples | uniform
     "max-update-norm": 1000.0,  # reject an adapter factor whose Frobenius norm exceeds this

@@ -403,7 +403,8 @@ def read_csv(path):
 def test_results_csv_and_markdown(benchmark, tmp_path):
     out = tmp_path / "results"
     order = ["fedavg", "centralization-every-stage-product", "joint"]
-    assert write_results("toy", benchmark, out, "python -m simulations.quality --scenario toy", order) == (8, 0)
+    command = "python -m simulations.quality --scenario toy"
+    assert write_results("toy", benchmark, out, command, order) == (8, 0)
     rows = read_csv(out / "quality-toy.csv")
     assert [(r["config"], r["seed"]) for r in rows] == [
         *[("fedavg", str(s)) for s in (0, 1, 2)],
@@ -444,7 +445,7 @@ def test_results_csv_and_markdown(benchmark, tmp_path):
     assert float(paired["bwt"]["ci_low"]) < 0 < float(paired["bwt"]["ci_high"])
 
     md = (out / "quality-toy.md").read_text()
-    assert "python -m simulations.quality --scenario toy" in md and "CPU cores" in md and " UTC" in md
+    assert command in md and "CPU cores" in md and " UTC" in md
     assert "| fedavg | 3 | 0,1,2 |" in md and "| joint | 2 | 0,1 |" in md
     assert "(2 of 3 seeds)" in md  # centralization's intransigence: seeds 0 and 1 have a joint run
     assert "real: CI excludes 0, centralization lower AWER by 2.0 (better)" in md
