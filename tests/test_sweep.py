@@ -105,4 +105,5 @@ def test_sweep_runs_each_distinct_run_once_and_resumes(tmp_path):
         assert float(row["awer_mean"]) == pytest.approx(results["metrics"]["awer"], abs=1e-4)
         assert float(row["bytes_up_mean"]) == pytest.approx(results["bytes_up"] / 1e6, rel=1e-4)
     bytes_up = {name: float(row["bytes_up_mean"]) for name, row in table.items()}
-    assert bytes_up["fedavg-sites1-rounds-per-stage1"] > 5 * bytes_up["fedavg-lora-sites1-rounds-per-stage1"]
+    # r=32 on every projection of the 144-wide tiny model: LoRA uploads about 4.3x less than full weights
+    assert bytes_up["fedavg-sites1-rounds-per-stage1"] > 3 * bytes_up["fedavg-lora-sites1-rounds-per-stage1"]
