@@ -43,7 +43,12 @@ DEFAULTS: dict[str, object] = {
     "lora-alpha": 0.0,  # 0 = the model family's default (tiny and Whisper: 64; CTC: 32)
     "lora-dropout": -1.0,  # < 0 = the model family's default (0.05)
     "weighting": "examples",  # examples | uniform
-    "max-update-norm": 1000.0,  # reject an adapter factor whose Frobenius norm exceeds this
+    # limits on one site (cl_fed/robust.py; server/strategies.py)
+    "max-site-weight": 0.5,  # no site's averaging weight above this share (the rest is shared out)
+    "max-update-norm": 1000.0,  # reject an update (returned minus sent) whose L2 norm exceeds this
+    "update-norm-ratio": 10.0,  # reject an update longer than this x the round's median (>= 3 sites; 0 = off)
+    "aggregation": "mean",  # mean | median | trimmed-mean (coordinate-wise, of what each update does)
+    "trim-fraction": 0.2,  # trimmed-mean: share of the updates cut at each end (Flower's FedTrimmedAvg beta)
     "evaluation": "server",  # server | federated
     "round-timeout": 900,  # seconds a round waits for client replies
     "fraction-train": 1.0,  # share of the sites sampled each round (seeded by seed and round)
@@ -67,7 +72,7 @@ DEFAULTS: dict[str, object] = {
 # Knobs a strategy does not use (see RunConfig.effective).
 IGNORED_BY = {
     "centralization": ("full-lr",),
-    "local": ("full-lr", "server-optimizer", "server-lr"),
+    "local": ("full-lr", "server-optimizer", "server-lr", "aggregation", "trim-fraction", "max-site-weight"),
     "fedavg-lora": ("full-lr", "merge", "centralize-every"),
     "fedavg": (
         "lr",
@@ -83,6 +88,7 @@ IGNORED_BY = {
 LR_SCHEDULES = ("inverse_sqrt", "cosine", "linear", "constant")
 LR_SPANS = ("stage", "round")
 SERVER_OPTIMIZERS = ("none", "fedadam", "fedyogi", "fedadagrad")
+AGGREGATIONS = ("mean", "median", "trimmed-mean")  # cl_fed/robust.py
 SCHEDULED_STRATEGIES = ("centralization", "local")
 NAMED_ELSEWHERE = ("scenario", "strategy", "merge", "centralize-every", "seed")
 NOT_IN_NAME = ("allow-download", "round-timeout", "output-dir", "run-name", "resume")  # do not change results
@@ -119,7 +125,11 @@ class RunConfig:
     lora_alpha: float
     lora_dropout: float
     weighting: str
+    max_site_weight: float
     max_update_norm: float
+    update_norm_ratio: float
+    aggregation: str
+    trim_fraction: float
     evaluation: str
     round_timeout: int
     fraction_train: float
@@ -160,6 +170,10 @@ class RunConfig:
         ignored = IGNORED_BY[self.strategy] + (() if self.dp_noise else ("dp-clip", "dp-delta"))  # DP off
         if self.server_optimizer == "none":
             ignored += ("server-lr",)
+        if self.aggregation != "trimmed-mean":
+            ignored += ("trim-fraction",)
+        if self.aggregation != "mean" or self.weighting == "uniform":
+            ignored += ("max-site-weight",)  # robust statistics and uniform weights count every site once
         return replace(self, **{key.replace("-", "_"): DEFAULTS[key] for key in ignored})
 
     def to_dict(self) -> dict:
@@ -239,6 +253,28 @@ def make_config(overrides: dict | None = None, *, source: str = "run config") ->
         raise ValueError(
             f"{source}: server-optimizer={cfg.server_optimizer!r} with dp-noise: the optimiser "
             "would act on the noised mean outside the accountant's view; use one of them"
+        )
+    if cfg.aggregation not in AGGREGATIONS:
+        raise ValueError(
+            f"{source}: aggregation={cfg.aggregation!r}; choose one of {', '.join(AGGREGATIONS)}"
+        )
+    if not 0.0 <= cfg.trim_fraction < 0.5:
+        raise ValueError(f"{source}: trim-fraction={cfg.trim_fraction!r} must be in [0, 0.5)")
+    if not 0.0 < cfg.max_site_weight <= 1.0:
+        raise ValueError(
+            f"{source}: max-site-weight={cfg.max_site_weight!r} is the largest share of a site, in (0, 1]"
+        )
+    if not cfg.max_update_norm > 0:
+        raise ValueError(f"{source}: max-update-norm={cfg.max_update_norm!r} must be > 0")
+    if not cfg.update_norm_ratio >= 0 or 0 < cfg.update_norm_ratio <= 1:
+        raise ValueError(
+            f"{source}: update-norm-ratio={cfg.update_norm_ratio!r} must be > 1 (x the round's median "
+            "update norm), or 0 for off"
+        )
+    if cfg.aggregation != "mean" and cfg.dp_noise:
+        raise ValueError(
+            f"{source}: aggregation={cfg.aggregation!r} with dp-noise: the noise is calibrated to the "
+            "mean of the clipped updates; use aggregation='mean' with DP"
         )
     if not 0.0 < cfg.fraction_train <= 1.0:
         raise ValueError(f"{source}: fraction-train={cfg.fraction_train!r} must be in (0, 1]")

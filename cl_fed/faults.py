@@ -6,6 +6,12 @@ can serve runs with different faults):
     {"client": [{"site": "factory-b", "round": 2, "fault": "raise" | "nan" | "sleep", "seconds": 30}],
      "stop-after-round": 3}
 
+Scripted attackers (clients/client_app.py `attack`; the server's limits in server/strategies.py):
+    "claim-examples" (with "examples": N)   reports N training examples (default 10^9)
+    "scale-update" (with "factor": F)       sends start + F * (its update - start) (default 100)
+    "claim-site" (with "as": NAME)          answers as another site
+    "record", then "replay"                 keeps that round's reply, then sends it again later
+
 `stop-after-round` makes the ServerApp exit right after that round's checkpoint, as a crash would.
 """
 

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import hashlib
 import math
+import random
+import secrets
 
 import torch
 
@@ -52,34 +54,77 @@ def clip_update(
     return out
 
 
-def noise_std(noise_multiplier: float, clip: float, num_updates: int) -> float:
-    """Standard deviation of the noise on the mean of `num_updates` clipped updates: z * C / n."""
-    if num_updates < 1:
-        raise ValueError(f"noise_std: num_updates={num_updates!r} must be >= 1")
+def noise_std(noise_multiplier: float, clip: float, num_updates: float) -> float:
+    """Standard deviation of the noise on the mean of `num_updates` clipped updates: z * C / n
+    (n may be the expected count of a Poisson sample, below 1)."""
+    if not num_updates > 0:
+        raise ValueError(f"noise_std: num_updates={num_updates!r} must be > 0")
     return noise_multiplier * clip / num_updates
 
 
-def noise_seed(round_seed: int, secret: str = "") -> int:
-    """The seed of one round's noise, from the run's round seed (cl_fed.continual.round_seed).
+SECRET_BYTES = 32  # the server's noise secret: 256 bits from the OS (secrets.token_hex)
 
-    Hashed, so that it shares no stream with the adapter init drawn from the same round seed. A
-    noise that anyone can redraw can be subtracted: `secret` (kept by the server only) makes the
-    noise unpredictable to whoever knows the run config, and stays reproducible for the server."""
-    digest = hashlib.sha256(f"cl-fed dp noise|{round_seed}|{secret}".encode()).digest()
+
+def new_secret() -> str:
+    """A fresh secret for a run's noise, drawn by the server from the OS at run start."""
+    return secrets.token_hex(SECRET_BYTES)
+
+
+def _seed(purpose: str, round_seed: int, secret: str) -> int:
+    if len(secret) < 2 * SECRET_BYTES:
+        raise ValueError(
+            f"DP {purpose}: the server's secret is missing or short ({len(secret)} hex digits); a noise "
+            "anyone can redraw can be subtracted"
+        )
+    digest = hashlib.sha256(f"cl-fed dp {purpose}|{round_seed}|{secret}".encode()).digest()
     return int.from_bytes(digest[:8], "little") % 2**63
 
 
-def noised_mean(adapters: list[dict[str, torch.Tensor]], std: float, seed: int) -> dict[str, torch.Tensor]:
-    """The uniform mean of the (clipped) adapters plus N(0, std^2) noise on every coordinate.
+def noise_seed(round_seed: int, secret: str) -> int:
+    """The seed of one round's noise: the round's seed (cl_fed.continual.round_seed) hashed with the
+    server's secret, so that no site can redraw (and subtract) it from what it receives, while the
+    server and a run resumed from its checkpoint (which keeps the secret) draw the same noise."""
+    return _seed("noise", round_seed, secret)
 
-    The noise is drawn in float64 from a generator seeded with `seed`, key by key in sorted order,
-    so a run and its resumed twin add the very same noise; the result is float32, keys sorted."""
-    if not adapters:
+
+def poisson_sample(nodes: list[int], rate: float, round_seed: int, secret: str) -> list[int]:
+    """Each node independently with probability `rate` (Poisson sampling, which the RDP accountant
+    assumes), drawn from the server's secret: a site cannot tell who else was sampled."""
+    rng = random.Random(_seed("sample", round_seed, secret))
+    return [node for node in sorted(nodes) if rng.random() < rate]
+
+
+def noised_mean(
+    adapters: list[dict[str, torch.Tensor]],
+    std: float,
+    seed: int,
+    start: dict[str, torch.Tensor] | None = None,
+    denominator: float | None = None,
+) -> dict[str, torch.Tensor]:
+    """The mean of the (clipped) adapters plus N(0, std^2) noise on every coordinate.
+
+    Plain (start and denominator None): the uniform mean over the adapters. With Poisson sampling the
+    mean is over the expected number of sites instead (a fixed denominator, so one site's presence
+    moves it by at most C / denominator): start + sum_i (adapter_i - start) / denominator, which with
+    no adapters at all is start plus noise. The noise is drawn in float64 from a generator seeded
+    with `seed`, key by key in sorted order, so a run and its resumed twin add the very same noise;
+    the result is float32, keys sorted."""
+    if denominator is None and not adapters:
         raise ValueError("noised_mean: no adapters given")
+    if denominator is not None and (start is None or not denominator > 0):
+        raise ValueError("noised_mean: a fixed denominator needs the round's start and must be > 0")
     generator = torch.Generator().manual_seed(seed)
     out = {}
-    for key in sorted(adapters[0]):
-        mean = sum(a[key].to(torch.float64) for a in adapters) / len(adapters)
+    for key in sorted(start if denominator is not None else adapters[0]):
+        if denominator is None:
+            mean = sum(a[key].to(torch.float64) for a in adapters) / len(adapters)
+        else:
+            begin = start[key].to(torch.float64)
+            mean = (
+                begin
+                + sum((a[key].to(torch.float64) - begin for a in adapters), torch.zeros_like(begin))
+                / denominator
+            )
         noise = torch.randn(mean.shape, generator=generator, dtype=torch.float64) * std
         out[key] = (mean + noise).to(torch.float32)
     return out
@@ -113,15 +158,23 @@ def accountant_version() -> str:
     return f"{ACCOUNTANT} (opacus {version('opacus')})"
 
 
+NOISE_SEED = (
+    "the round's seed hashed with a 256-bit secret the server drew from the OS at run start "
+    "(secrets.token_hex), kept only in the server's checkpoint (file mode 0600), never sent: no site can "
+    "redraw the noise"
+)
+
+
 def privacy_report(
-    noise_multiplier: float, clip: float, delta: float, sample_rate: float, steps: int, noise_seed_source: str
+    noise_multiplier: float, clip: float, delta: float, sample_rate: float, steps: int
 ) -> dict:
     """The results.json "privacy" object after `steps` noised aggregations."""
     sampling = (
         "every site every round (no amplification by sampling)"
         if sample_rate == 1.0
-        else f"a fixed-size sample of fraction-train={sample_rate} of the sites each round, accounted as "
-        "Poisson sampling at that rate (the DP-FedAvg convention)"
+        else f"Poisson sampling: each site independently with probability fraction-train={sample_rate} "
+        "each round (drawn from the server's secret), the mean over the expected number of sites; "
+        "accounted as such"
     )
     return {
         "mechanism": MECHANISM,
@@ -134,7 +187,7 @@ def privacy_report(
         "sample_rate": sample_rate,
         "sampling": sampling,
         "accountant": accountant_version(),
-        "noise_seed": noise_seed_source,
+        "noise_seed": NOISE_SEED,
         "covers": "the adapters and every base the server merges and sends; not the training losses, "
         "example counts or federated-evaluation error counts the sites report",
     }

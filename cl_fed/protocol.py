@@ -17,6 +17,8 @@ TRAIN message, server -> site
                                         cl_fed.updates.to_tensors: low-rank factors of aggregates or dense
                                         tensors) | SYNC_FULL (record WEIGHTS holds every tensor)
         SYNC_FROM                       the checksum SYNC_CHANGED applies to
+        NONCE                           a random token per message, echoed in the reply's SITE record:
+                                        a reply from an earlier round (a replay) does not carry it
         (and Flower's clipping-norm key when dp-noise > 0; see clients.client_app.clip_adapter_update)
     record WEIGHTS (ArrayRecord)        tensors of the weights, as SYNC says (absent for SYNC_NONE)
     record ADAPTER (ArrayRecord)        the adapter to continue from (START = "continue"; with DP always)
@@ -26,7 +28,8 @@ TRAIN reply, site -> server
                                         empty for `local` (its site keeps them)
     record METRICS (MetricRecord)       NUM_EXAMPLES, TRAIN_LOSS, AUDIO_SECONDS, TRAIN_SECONDS, LR_MEAN,
                                         ROWS_SKIPPED (manifest rows the site's data left out, bad-rows=skip)
-    record SITE (ConfigRecord)          SITE_NAME, WEIGHTS_CHECKSUM (of the weights it now holds)
+    record SITE (ConfigRecord)          SITE_NAME (from the SuperNode's node config), WEIGHTS_CHECKSUM
+                                        (of the weights it now holds), NONCE (the message's)
 
 EVALUATE message, server -> site: CONFIG with TEST_SETS, STAGE and the sync fields; WEIGHTS as in
 TRAIN; EVALUATED (ArrayRecord): the tensors in which the evaluated model differs from the weights
@@ -55,6 +58,7 @@ WEIGHTS_CHECKSUM = "weights-checksum"
 SYNC = "sync"
 SYNC_FROM = "sync-from"
 SYNC_NONE, SYNC_CHANGED, SYNC_FULL = "none", "changed", "full"
+NONCE = "nonce"
 TEST_SETS = "test-sets"
 
 # metrics

@@ -22,8 +22,6 @@ import torch
 
 from cl_fed.centralize import average_adapters, base_key, lora_pairs, product_delta
 
-AGGREGATIONS = ("mean", "median", "trimmed-mean")
-
 
 def capped_weights(num_examples: list[float], cap: float) -> tuple[list[float], list[int]]:
     """(weights summing to 1, indices of the sites held at `cap`). With cap * N <= 1 no site can be

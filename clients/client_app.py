@@ -149,9 +149,36 @@ def train(msg: Message, context: Context) -> Message:
             P.ROWS_SKIPPED: site.stream.load_summary.num_skipped if site.stream.load_summary else 0,
         }
     )
-    about = ConfigRecord({P.SITE_NAME: site.name, P.WEIGHTS_CHECKSUM: site.checksum})
-    reply = RecordDict({P.ARRAYS: ArrayRecord(update), P.METRICS: metrics, P.SITE: about})
+    about = {P.SITE_NAME: site.name, P.WEIGHTS_CHECKSUM: site.checksum, P.NONCE: str(conf.get(P.NONCE, ""))}
+    if fault:  # a scripted attacker (cl_fed/faults.py): what a misbehaving site could send
+        update, metrics, about = attack(fault, site, adapter, update, metrics, about)
+    reply = RecordDict({P.ARRAYS: ArrayRecord(update), P.METRICS: metrics, P.SITE: ConfigRecord(about)})
     return Message(content=reply, reply_to=msg)
+
+
+REPLAY_FILE = "last-reply.safetensors"  # faults only: a site's previous reply, for the `replay` attack
+
+
+def attack(fault: dict, site: Site, start: dict, update: dict, metrics: MetricRecord, about: dict):
+    """The reply a misbehaving site sends instead of its own (cl_fed/faults.py names the faults)."""
+    from cl_fed.io import atomic_save_tensors, load_tensors
+
+    kind, replay = fault["fault"], site.state_dir / REPLAY_FILE
+    if kind == "claim-examples":
+        metrics[P.NUM_EXAMPLES] = int(fault.get("examples", 10**9))
+    elif kind == "scale-update":  # start + factor * (update - start)
+        factor = float(fault.get("factor", 100.0))
+        update = {
+            k: start[k] + factor * (v - start[k]) if k in start else factor * v for k, v in update.items()
+        }
+    elif kind == "claim-site":
+        about[P.SITE_NAME] = str(fault["as"])
+    elif kind == "replay" and replay.is_file():  # the previous reply, nonce and all
+        tensors, meta = load_tensors(replay)
+        update, about = tensors, meta["about"]
+    if kind == "record" or fault.get("record"):  # keep this reply for a later `replay`
+        atomic_save_tensors(replay, update, {"about": about})
+    return update, metrics, about
 
 
 @app.evaluate()

@@ -49,6 +49,12 @@ class Federation:
     processes: dict[str, subprocess.Popen] = field(default_factory=dict)  # "superlink", "supernode:<site>"
     node_ids: dict[str, int] = field(default_factory=dict)  # site -> node id it was registered under (auth)
     stopped: list[int] = field(default_factory=list)  # every PID stopped on exit, spawned ones included
+    # how each process was started, so that restart_superlink / restart_supernode start it again alike
+    port: int = 0
+    auth: bool = True
+    env: dict | None = None
+    database: Path | None = None  # the SuperLink's SQLite state (None: in memory, lost on restart)
+    supernodes: dict[str, dict] = field(default_factory=dict)  # site -> start_supernode's arguments
 
 
 def _start(command: list[str], log: Path, home: Path, env: dict | None) -> subprocess.Popen:
@@ -248,10 +254,12 @@ def local_federation(
     env: dict | None = None,
     name: str = "deployment",
     timeout: float = 90.0,
+    database: str | Path | None = None,
 ):
     """A SuperLink and one SuperNode per site on this machine (node config `site=<site> data=<data>`,
     `data` the same for all or one per site), with TLS and SuperNode authentication; yields the
-    Federation and stops every process on exit."""
+    Federation and stops every process on exit. `database`: the SuperLink's SQLite file (its state,
+    registered keys and runs, then survives restart_superlink)."""
     work = Path(work).resolve()
     if auth and not tls:
         raise ValueError(
@@ -263,10 +271,20 @@ def local_federation(
     cli_home = work / "cli-home"
     write_cli_config(cli_home, name, address, certs.get("ca.crt"))
     federation = Federation(
-        name, address, work, flower_env({**(env or {}), "FLWR_HOME": str(cli_home)}), certs
+        name,
+        address,
+        work,
+        flower_env({**(env or {}), "FLWR_HOME": str(cli_home)}),
+        certs,
+        port=port,
+        auth=auth,
+        env=env,
+        database=Path(database).resolve() if database else None,
     )
     try:
-        superlink = federation.processes["superlink"] = start_superlink(work, port, certs or None, auth, env)
+        superlink = federation.processes["superlink"] = start_superlink(
+            work, port, certs or None, auth, env, federation.database
+        )
         wait_for_superlink(
             address, certs.get("ca.crt"), superlink, work / "superlink" / "superlink.log", timeout
         )
@@ -276,13 +294,61 @@ def local_federation(
                 key, public = make_supernode_key(work / "certs", site)
                 federation.node_ids[site] = register_supernode(public, name, federation.cli_env, name=site)
             node_config = {"site": site, "data": data[site] if isinstance(data, dict) else data}
+            federation.supernodes[site] = dict(
+                superlink_address=address,
+                port=free_port(),
+                node_config=node_config,
+                ca=certs.get("ca.crt"),
+                private_key=key,
+                env=env,
+            )
             federation.processes[f"supernode:{site}"] = start_supernode(
-                work, site, address, free_port(), node_config, certs.get("ca.crt"), key, env
+                work, site, **federation.supernodes[site]
             )
         wait_for_supernodes(len(sites), name, federation.cli_env, federation.processes, timeout)
         yield federation
     finally:
         federation.stopped = stop_all(list(federation.processes.values()))
+
+
+def restart_superlink(federation: Federation, timeout: float = 90.0) -> list[int]:
+    """SIGKILL the SuperLink with everything it spawned (its ServerApps: a crash of its machine) and
+    start it again alike: same port, certificates, auth and `--database`. Returns the PIDs killed.
+    Only a federation with a database keeps its registered SuperNodes and runs across this."""
+    old = federation.processes["superlink"]
+    killed = kill_tree(old.pid)
+    old.wait(timeout=10)
+    superlink = federation.processes["superlink"] = start_superlink(
+        federation.work,
+        federation.port,
+        federation.certs or None,
+        federation.auth,
+        federation.env,
+        federation.database,
+    )
+    log = federation.work / "superlink" / "superlink.log"
+    wait_for_superlink(federation.address, federation.certs.get("ca.crt"), superlink, log, timeout)
+    return killed
+
+
+def kill_supernode(federation: Federation, site: str) -> list[int]:
+    """SIGKILL a site's SuperNode and its ClientApps (kill_tree); returns the PIDs killed."""
+    process = federation.processes[f"supernode:{site}"]
+    killed = kill_tree(process.pid)
+    process.wait(timeout=10)
+    return killed
+
+
+def restart_supernode(federation: Federation, site: str) -> subprocess.Popen:
+    """Start a site's SuperNode again as local_federation did (same key, node config and port; its
+    log goes on in the same file), after kill_supernode or a crash; kills the old one if it lives."""
+    label = f"supernode:{site}"
+    if federation.processes[label].poll() is None:
+        kill_supernode(federation, site)
+    process = federation.processes[label] = start_supernode(
+        federation.work, site, **federation.supernodes[site]
+    )
+    return process
 
 
 def is_gone(pid: int) -> bool:

@@ -1,10 +1,15 @@
 """The server's state after every round: one safetensors file (tensors, no pickle: loading a
-checkpoint runs no code) with the run record and position as JSON metadata, written atomically."""
+checkpoint runs no code) with the run record, position and DP secret as JSON metadata, and a
+checksum over both (cl_fed.io), written atomically with file mode 0600.
+
+The DP secret (cl_fed.privacy.new_secret) lives here and nowhere else: not in results.json, not in
+any message. A resumed run reads it back and so redraws the very same noise."""
 
 from __future__ import annotations
 
 from dataclasses import asdict
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
@@ -22,17 +27,34 @@ def save_checkpoint(
     record: RunRecord,
     next_step: int,
     extra: dict[str, torch.Tensor] | None = None,
+    secret: str = "",
 ) -> None:
-    """`next_step` = the index of the plan step to run next; `extra` = more tensors (optimiser)."""
+    """`next_step` = the index of the plan step to run next; `extra` = more tensors (optimiser);
+    `secret` = the server's DP noise secret ("" without DP)."""
     tensors = {**state.to_tensors(), **{f"extra/{k}": v for k, v in (extra or {}).items()}}
     meta = {"next_step": next_step, "has_adapter": state.adapter is not None, "record": asdict(record)}
+    if secret:
+        meta["dp_secret"] = secret
     atomic_save_tensors(path, tensors, meta)
+    if secret and path.stat().st_mode & 0o077:
+        raise PermissionError(
+            f"{path}: holds the DP noise secret but is readable by other users (mode "
+            f"{path.stat().st_mode & 0o777:o}; this filesystem does not keep file modes): put "
+            "output-dir on one that does"
+        )
 
 
-def load_checkpoint(
-    path: Path, fresh: ContinualState, config: dict
-) -> tuple[ContinualState, RunRecord, int, dict]:
-    """(state, record, next step, extra tensors); refuses a checkpoint of another model or config."""
+class Checkpoint(NamedTuple):
+    state: ContinualState
+    record: RunRecord
+    next_step: int
+    extra: dict  # more tensors (a server optimiser's moments)
+    secret: str  # the DP noise secret ("" without DP)
+
+
+def load_checkpoint(path: Path, fresh: ContinualState, config: dict) -> Checkpoint:
+    """The checkpoint; refuses a damaged one, or one of another model or config (naming the keys
+    that differ; keys that do not change results, cl_fed.config.NOT_IN_NAME, may differ)."""
     tensors, meta = load_tensors(path)
     extra = {k[len("extra/") :]: v for k, v in tensors.items() if k.startswith("extra/")}
     state = ContinualState.from_tensors(
@@ -55,4 +77,10 @@ def load_checkpoint(
         )
     rec["initial"] = Evaluation(**rec["initial"]) if rec["initial"] else None
     rec["after_stage"] = [Evaluation(**e) for e in rec["after_stage"]]
-    return state, RunRecord(**rec), int(meta["next_step"]), extra
+    secret = str(meta.get("dp_secret", ""))
+    if config.get("dp-noise") and not secret:
+        raise ValueError(
+            f"{path}: a DP run's checkpoint without the server's noise secret (made by an older "
+            "cl-fed?): its noise could not be redrawn; use another run-name"
+        )
+    return Checkpoint(state, RunRecord(**rec), int(meta["next_step"]), extra, secret)

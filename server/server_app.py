@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import os
 import time
 from pathlib import Path
 
@@ -37,7 +36,7 @@ from cl_fed.faults import InjectedCrash, stop_after_round
 from cl_fed.loop import walk
 from cl_fed.paths import runs_root
 from cl_fed.plan import Evaluate, Merge, Train, continual_plan, rule_for
-from cl_fed.privacy import privacy_report
+from cl_fed.privacy import new_secret, privacy_report
 from cl_fed.results import Evaluation, RunRecord, wer_line
 from cl_fed.state import ContinualState
 from server.checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint
@@ -105,13 +104,18 @@ def run_server(grid: Grid, run_config: dict) -> Path:
     plan = continual_plan(cfg, stages)
     next_step = 0
     checkpoint = run_dir / CHECKPOINT
+    secret = new_secret() if cfg.dp_noise else ""  # the noise's secret: drawn here, kept in the checkpoint
     if cfg.resume and checkpoint.is_file():
-        state, record, next_step, extra = load_checkpoint(checkpoint, state, cfg.to_dict())
+        state, record, next_step, extra, secret = load_checkpoint(checkpoint, state, cfg.to_dict())
         load_optimizer_state(strategy, extra)
         print(f"[cl-fed] resuming {run_name} at plan step {next_step + 1}/{len(plan)}", flush=True)
+    elif secret:
+        # before anything is released: a run that cannot keep its secret (and so resume with the same
+        # noise) refuses to start
+        save_checkpoint(checkpoint, state, record, next_step, optimizer_state(strategy), secret)
     sync = WeightsSync(state.weights)
     rule = rule_for(cfg)
-    strategy.bind(cfg, shapes, scale, rule, sync)
+    strategy.bind(cfg, shapes, scale, rule, sync, secret=secret)
 
     def evaluate(label: str) -> Evaluation:
         weights = state.evaluated(scale)
@@ -150,6 +154,7 @@ def run_server(grid: Grid, run_config: dict) -> Path:
         record.rounds.append(entry)
         if cfg.dp_noise:
             record.privacy = privacy_now(cfg, record.rounds)
+            entry["epsilon"] = record.privacy["epsilon"]  # spent up to and including this round
         print(
             f"[cl-fed] stage {step.stage + 1}/{len(stages)} {stages[step.stage]} round "
             f"{step.round + 1}/{cfg.rounds_per_stage}: {len(entry['clients_used'])} sites used, "
@@ -171,7 +176,7 @@ def run_server(grid: Grid, run_config: dict) -> Path:
         print(wer_line(f"after {step.label}", wers), flush=True)
 
     def save(step, index: int) -> None:
-        save_checkpoint(checkpoint, state, record, index, optimizer_state(strategy))
+        save_checkpoint(checkpoint, state, record, index, optimizer_state(strategy), secret)
         crash_if_injected(record.rounds[-1]["server_round"] if record.rounds else 0)
 
     walk(
@@ -198,14 +203,8 @@ def run_server(grid: Grid, run_config: dict) -> Path:
 def privacy_now(cfg: RunConfig, rounds: list[dict]) -> dict:
     """The privacy spent so far: one Gaussian release per round whose updates were noised. It derives
     from the checkpointed round log alone, so a resumed run reports what an uninterrupted one does."""
-    source = "run seed and round" + (
-        " and the server's CL_FED_DP_SECRET"
-        if os.environ.get("CL_FED_DP_SECRET")
-        else " (reproducible by anyone who knows the run config; set CL_FED_DP_SECRET on "
-        "the server to keep the noise secret)"
-    )
     steps = sum(r.get("dp_noise_std") is not None for r in rounds)
-    return privacy_report(cfg.dp_noise, cfg.dp_clip, cfg.dp_delta, cfg.fraction_train, steps, source)
+    return privacy_report(cfg.dp_noise, cfg.dp_clip, cfg.dp_delta, cfg.fraction_train, steps)
 
 
 def privacy_line(privacy: dict) -> str:

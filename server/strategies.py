@@ -30,8 +30,9 @@ the whole round where ours drop that site, and its accountant accepts only FedAv
 from __future__ import annotations
 
 import logging
-import os
 import random
+import secrets
+import statistics
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
@@ -45,7 +46,8 @@ from cl_fed.aggregation import RESIDUAL, aggregate
 from cl_fed.centralize import AdapterRejected, example_weights, state_bytes, validate_adapter
 from cl_fed.config import RunConfig
 from cl_fed.continual import state_checksum
-from cl_fed.privacy import clip_update, noise_seed, noise_std, noised_mean, update_norm
+from cl_fed.privacy import clip_update, noise_seed, noise_std, noised_mean, poisson_sample, update_norm
+from cl_fed.robust import capped_weights, robust_aggregate
 
 log = logging.getLogger("cl_fed.server")
 
@@ -88,9 +90,20 @@ class ContinualStrategy(FedAvg):
     lora = True
     sends_adapter = True  # the adapter sites continue from comes from the server
 
-    def bind(self, cfg: RunConfig, reference: dict, scale: float, rule: str, sync: WeightsSync) -> None:
+    def bind(
+        self, cfg: RunConfig, reference: dict, scale: float, rule: str, sync: WeightsSync, secret: str = ""
+    ) -> None:
+        """`secret`: the server's DP noise secret (cl_fed.privacy.new_secret; kept in its checkpoint)."""
         self.cfg, self.reference, self.scale, self.rule, self.sync = cfg, reference, scale, rule, sync
         self.dp = cfg.dp_noise > 0
+        self.secret = secret
+        # DP with fraction-train < 1 samples as its accountant assumes: Poisson, over a fixed denominator
+        self.poisson = self.dp and cfg.fraction_train < 1
+        self.expected = 0.0  # the expected number of sampled sites (Poisson)
+        self.online: set[int] = set()
+        self.nonces: dict[int, str] = {}  # node -> the nonce of this round's message to it
+        self.site_of: dict[int, str] = {}  # node -> the site it answered as (bound for the run)
+        self.node_of: dict[str, int] = {}  # site -> the node that holds its name
         self.round_log: dict = {}
         self.sent: list[Message] = []  # this round's train messages (their ids are set when pushed)
         self.round_start: dict[str, torch.Tensor] = {}
@@ -98,8 +111,13 @@ class ContinualStrategy(FedAvg):
 
     # ---- what each site is sent ---------------------------------------------------------------
     def sample(self, grid: Grid, seed: int) -> list[int]:
-        """fraction-train of the online nodes, drawn with the round's seed (reproducible)."""
+        """fraction-train of the online nodes, drawn with the round's seed (reproducible); with DP, each
+        node independently with that probability, from the server's secret (Poisson sampling)."""
         nodes = sorted(grid.get_node_ids())
+        self.online = set(nodes)
+        if self.poisson:
+            self.expected = self.cfg.fraction_train * len(nodes)
+            return poisson_sample(nodes, self.cfg.fraction_train, seed, self.secret)
         count = max(1, int(len(nodes) * self.cfg.fraction_train))
         return sorted(random.Random(seed).sample(nodes, count)) if count < len(nodes) else nodes
 
@@ -112,11 +130,13 @@ class ContinualStrategy(FedAvg):
         self.round_start = start
         send_adapter = self.lora and self.sends_adapter and (str(config[P.START]) == "continue" or self.dp)
         messages, down = [], 0
+        self.nonces = {}
         for node in self.sample(grid, self.round_seed):
             fields, records = self.sync_records(node)
             if send_adapter:
                 records[P.ADAPTER] = ArrayRecord(start)
-            round_config = {**dict(config), **fields}
+            self.nonces[node] = secrets.token_hex(16)  # decides nothing: it only tells this round's replies
+            round_config = {**dict(config), **fields, P.NONCE: self.nonces[node]}
             if self.dp:
                 round_config[KEY_CLIPPING_NORM] = self.cfg.dp_clip  # what Flower's fixedclipping_mod reads
             content = RecordDict({**records, P.CONFIG: ConfigRecord(round_config)})
@@ -138,14 +158,41 @@ class ContinualStrategy(FedAvg):
 
     # ---- what the server does with the replies -----------------------------------------------
     def check_reply(self, arrays: dict[str, torch.Tensor]) -> None:
-        validate_adapter(arrays, self.reference, max_norm=self.cfg.max_update_norm if self.lora else None)
+        validate_adapter(arrays, self.reference)
+
+    def update_start(self, arrays: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """What a reply's update is measured from: the adapter the round started from (LoRA), or the
+        weights the sites trained on (fedavg); zeros where the round sent no start."""
+        begin = self.round_start if self.lora else self.sync.weights
+        return {k: begin[k] if k in begin else torch.zeros_like(v) for k, v in arrays.items()}
+
+    def check_origin(self, node: int, site: str, about) -> None:
+        """A reply must answer this round's message (its nonce) and come from the node that holds its
+        site's name: the first node to answer as a site holds the name while it is online."""
+        if str(about.get(P.NONCE, "")) != self.nonces.get(node):
+            raise AdapterRejected(
+                f"the reply does not carry the nonce of this round's message to node {node} "
+                "(a replay of an earlier reply?)"
+            )
+        if self.site_of.get(node, site) != site:
+            raise AdapterRejected(
+                f"node {node} answered as site {self.site_of[node]!r} before, now as {site!r}"
+            )
+        holder = self.node_of.get(site)
+        if holder is not None and holder != node and holder in self.online:
+            raise AdapterRejected(
+                f"site {site!r} is held by node {holder}, which is online; node {node} claims it"
+            )
+        if holder is not None and holder != node:
+            log.warning("site %s: node %s is gone, node %s holds its name now", site, holder, node)
+            self.site_of.pop(holder, None)
+        self.site_of[node], self.node_of[site] = site, node
 
     def aggregate_train(self, server_round: int, replies):
         replies = list(replies)
         valid, errors = self._check_and_log_replies(replies, is_train=True, validate=False)
-        used, dropped, updates, examples, losses, up = [], [], [], [], [], 0
+        dropped, candidates, up = [], [], 0
         holds: dict[str, str] = {}  # site -> checksum of the weights it reports holding
-        lrs: list[float] = []  # each used site's mean LR multiplier
         for msg in errors:
             node = self.replying_node(msg)
             self.sync.nodes.pop(node, None)  # unknown now: send everything next time
@@ -156,10 +203,23 @@ class ContinualStrategy(FedAvg):
             if node not in answered:
                 self.sync.nodes.pop(node, None)
                 dropped.append({"node": node, "reason": f"no reply within {self.cfg.round_timeout} s"})
+
+        def reject(node, site, error) -> None:
+            log.warning(
+                "round %s: update from site %s (node %s) rejected: %s", server_round, site, node, error
+            )
+            dropped.append({"node": node, "site": site, "reason": f"rejected: {error}"})
+
         for msg in valid:
             node = msg.metadata.src_node_id
             about = msg.content[P.SITE] if P.SITE in msg.content else {}
             site = str(about.get(P.SITE_NAME, node))
+            try:
+                self.check_origin(node, site, about)
+            except AdapterRejected as error:
+                self.sync.nodes.pop(node, None)
+                reject(node, site, error)
+                continue
             self.sync.nodes[node] = holds[site] = str(about.get(P.WEIGHTS_CHECKSUM, ""))
             try:
                 arrays = {k: v.clone() for k, v in msg.content[P.ARRAYS].to_torch_state_dict().items()}
@@ -169,17 +229,44 @@ class ContinualStrategy(FedAvg):
                 n = int(metrics[P.NUM_EXAMPLES])
                 if n <= 0:
                     raise AdapterRejected(f"num-examples={n}")
+                norm = update_norm(arrays, self.update_start(arrays)) if arrays else 0.0
+                if norm > self.cfg.max_update_norm:
+                    raise AdapterRejected(
+                        f"update norm {norm:.6g} > max-update-norm {self.cfg.max_update_norm:g}"
+                    )
             except (AdapterRejected, KeyError, ValueError) as error:
-                log.warning("round %s: update from site %s rejected: %s", server_round, site, error)
-                dropped.append({"node": node, "site": site, "reason": f"rejected: {error}"})
+                reject(node, site, error)
                 continue
-            used.append(site)
-            if int(metrics.get(P.ROWS_SKIPPED, 0)):
-                skipped[site] = int(metrics[P.ROWS_SKIPPED])
-            updates.append(arrays)
-            examples.append(n)
-            losses.append(float(metrics[P.TRAIN_LOSS]))
-            lrs.append(float(metrics.get(P.LR_MEAN, float("nan"))))
+            candidates.append((node, site, arrays, n, metrics, norm))
+        ratio = self.cfg.update_norm_ratio
+        if ratio and len(candidates) >= 3:  # one long update against the others' median
+            median = statistics.median(c[5] for c in candidates)
+            kept = [c for c in candidates if c[5] <= ratio * median]
+            for node, site, _, _, _, norm in (c for c in candidates if c[5] > ratio * median):
+                reject(
+                    node,
+                    site,
+                    f"update norm {norm:.6g} > update-norm-ratio {ratio:g} x the round's median {median:.6g}",
+                )
+            candidates = kept
+        used = [c[1] for c in candidates]
+        updates = [c[2] for c in candidates]
+        examples = [c[3] for c in candidates]
+        losses = [float(c[4][P.TRAIN_LOSS]) for c in candidates]
+        lrs = [float(c[4].get(P.LR_MEAN, float("nan"))) for c in candidates]
+        for site, c in zip(used, candidates):
+            if int(c[4].get(P.ROWS_SKIPPED, 0)):
+                skipped[site] = int(c[4][P.ROWS_SKIPPED])
+        weights, capped = self.site_weights(examples)
+        for index in capped:
+            log.warning(
+                "round %s: site %s claims %s of %s examples; its weight is held at max-site-weight %g",
+                server_round,
+                used[index],
+                examples[index],
+                sum(examples),
+                self.cfg.max_site_weight,
+            )
         self.round_log.update(
             lr_mean=sum(lrs) / len(lrs) if lrs else None,
             clients_used=used,
@@ -187,6 +274,9 @@ class ContinualStrategy(FedAvg):
             rows_skipped=skipped,
             losses=losses,
             num_examples=examples,
+            weights=weights,
+            weight_capped=[used[i] for i in capped],
+            update_norms={c[1]: c[5] for c in candidates},
             bytes_up=up,
             site_checksums=holds,
         )
@@ -195,17 +285,31 @@ class ContinualStrategy(FedAvg):
             sum(x * n for x, n in zip(losses, examples)) / max(sum(examples), 1) if losses else float("nan")
         )
         metrics = MetricRecord({P.TRAIN_LOSS: loss, P.NUM_EXAMPLES: sum(examples)})
-        if not updates:
+        if not updates and not self.poisson:
             log.warning("round %s: no usable update; the model is unchanged", server_round)
             return None, metrics
-        weights = example_weights(examples, uniform=self.cfg.weighting == "uniform")
         if self.dp:
             updates, weights = [self.privatize(updates, used, server_round)], [1.0]
+        elif self.cfg.aggregation != "mean":
+            robust = robust_aggregate(
+                self.rule, updates, self.scale, self.cfg.aggregation, self.cfg.trim_fraction
+            )
+            return ArrayRecord(robust), metrics
         return ArrayRecord(aggregate(self.rule, updates, weights, self.scale)), metrics
+
+    def site_weights(self, examples: list[int]) -> tuple[list[float], list[int]]:
+        """Averaging weights (and the indices held at max-site-weight): uniform, or by examples capped."""
+        if not examples:
+            return [], []
+        if self.cfg.weighting == "uniform" or self.cfg.aggregation != "mean":
+            return example_weights(examples, uniform=True), []
+        return capped_weights(examples, self.cfg.max_site_weight)
 
     def privatize(self, adapters: list[dict], sites: list[str], server_round: int) -> dict[str, torch.Tensor]:
         """DP: each update clipped to dp-clip (again: a site's mod already did), then their mean plus
-        N(0, (z C / n)^2), seeded by the round's seed (and the server's CL_FED_DP_SECRET)."""
+        N(0, (z C / n)^2), seeded by the round's seed and the server's secret. With Poisson sampling
+        n is the expected number of sites (a fixed denominator), and a round nobody was sampled in
+        still releases its noise, as the accountant counts it."""
         clip, clipped = self.cfg.dp_clip, []
         for site, adapter in zip(sites, adapters):
             norm = update_norm(adapter, self.round_start)
@@ -219,10 +323,15 @@ class ContinualStrategy(FedAvg):
                     clip,
                 )
             clipped.append(clip_update(adapter, self.round_start, clip))
-        std = noise_std(self.cfg.dp_noise, clip, len(clipped))
-        seed = noise_seed(self.round_seed, os.environ.get("CL_FED_DP_SECRET", ""))
+        seed = noise_seed(self.round_seed, self.secret)
+        if self.poisson:
+            std = noise_std(self.cfg.dp_noise, clip, self.expected)
+            noised = noised_mean(clipped, std, seed, start=self.round_start, denominator=self.expected)
+        else:
+            std = noise_std(self.cfg.dp_noise, clip, len(clipped))
+            noised = noised_mean(clipped, std, seed)
         self.round_log["dp_noise_std"] = std
-        return noised_mean(clipped, std, seed)
+        return noised
 
 
 class Centralization(ContinualStrategy):

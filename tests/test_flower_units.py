@@ -30,6 +30,7 @@ from cl_fed.io import read_tensors_meta
 from cl_fed.models.registry import build_model
 from cl_fed.models.tiny import NAME as TINY
 from cl_fed.plan import Train, continual_plan, rule_for
+from cl_fed.privacy import new_secret
 from cl_fed.results import Evaluation, RunRecord
 from cl_fed.state import ContinualState
 from clients import client_app
@@ -101,7 +102,8 @@ def make_strategy(tiny, **overrides) -> ContinualStrategy:
         reference, scale = tiny["reference"], tiny["spec"].scale
     else:
         reference, scale = {k: tuple(v.shape) for k, v in tiny["base"].items()}, 1.0
-    strategy.bind(cfg, reference, scale, rule_for(cfg), WeightsSync(tiny["base"]))
+    secret = new_secret() if cfg.dp_noise else ""  # as the ServerApp draws it at run start
+    strategy.bind(cfg, reference, scale, rule_for(cfg), WeightsSync(tiny["base"]), secret=secret)
     return strategy
 
 
@@ -125,7 +127,9 @@ def reply(
             P.METRICS: MetricRecord(
                 {P.NUM_EXAMPLES: num_examples, P.TRAIN_LOSS: loss, P.AUDIO_SECONDS: 1.0, P.ROWS_SKIPPED: 0}
             ),
-            P.SITE: ConfigRecord({P.SITE_NAME: site, P.WEIGHTS_CHECKSUM: checksum}),
+            P.SITE: ConfigRecord(
+                {P.SITE_NAME: site, P.WEIGHTS_CHECKSUM: checksum, P.NONCE: msg.content[P.CONFIG][P.NONCE]}
+            ),
         }
     )
     return Message(content, reply_to=msg)
@@ -401,7 +405,9 @@ def test_bad_replies_are_dropped_with_a_reason_and_the_rest_aggregated(tiny, mer
     reference = tiny["reference"]
     good = [random_adapter(reference, seed=20 + i) for i in range(2)]
     norm = max(torch.linalg.vector_norm(torch.cat([v.flatten() for v in a.values()])) for a in good)
-    strategy = make_strategy(tiny, merge=merge, **{"max-update-norm": float(2 * norm)})
+    strategy = make_strategy(
+        tiny, merge=merge, **{"max-update-norm": float(2 * norm), "max-site-weight": 1.0}
+    )
     assert strategy.rule == rule
     grid, _ = in_memory_grid(9)
     messages = send(strategy, grid, train_steps(strategy.cfg)[0])
@@ -488,7 +494,8 @@ def test_fraction_train_samples_reproducibly_for_a_seed_and_differently_across_s
 # ---- 3. the FedAvg baseline ---------------------------------------------------------------------------
 def test_fedavg_full_averages_all_weights_by_examples_and_keeps_integer_buffers_whole(tiny):
     base = tiny["base"]
-    strategy = make_strategy(tiny, strategy="fedavg")
+    # random weights stand in for trained ones: their update is far longer than a real one's
+    strategy = make_strategy(tiny, strategy="fedavg", **{"max-update-norm": 1e9, "max-site-weight": 1.0})
     assert isinstance(strategy, FedAvgFull) and strategy.rule == "weights"
     grid, _ = in_memory_grid(2)
     step = train_steps(strategy.cfg)[0]
@@ -531,7 +538,8 @@ def test_fedavg_full_averages_all_weights_by_examples_and_keeps_integer_buffers_
 # ---- 4. a Flower server optimiser on our aggregate ----------------------------------------------------
 def test_fedadam_steps_from_the_rounds_start_with_the_aggregates_keys(tiny):
     strategy = make_strategy(
-        tiny, **{"server-optimizer": "fedadam", "server-lr": 0.01, "rounds-per-stage": 2}
+        tiny,
+        **{"server-optimizer": "fedadam", "server-lr": 0.01, "rounds-per-stage": 2, "max-site-weight": 1.0},
     )
     assert isinstance(strategy, FedAdam) and isinstance(strategy, ContinualStrategy)
     grid, _ = in_memory_grid(2)
@@ -741,7 +749,7 @@ def test_checkpoint_round_trip_and_another_config_is_refused(tiny, tmp_path):
     path = tmp_path / "run" / CHECKPOINT
     save_checkpoint(path, state, record, 7, extra)
     fresh = ContinualState.start(tiny["base"])
-    loaded, loaded_record, next_step, loaded_extra = load_checkpoint(path, fresh, cfg.to_dict())
+    loaded, loaded_record, next_step, loaded_extra, _ = load_checkpoint(path, fresh, cfg.to_dict())
     assert next_step == 7 and loaded_record == record and equal_states(loaded_extra, extra)
     assert equal_states(loaded.base, state.base) and equal_states(loaded.weights, state.weights)
     assert equal_states(loaded.adapter, state.adapter)
@@ -751,7 +759,7 @@ def test_checkpoint_round_trip_and_another_config_is_refused(tiny, tmp_path):
     # without an adapter (the round after a merge) it comes back without one
     merged = server_after_round(tiny, [random_adapter(reference, seed=9)], [1], merge=True)
     save_checkpoint(path, merged, record, 3)
-    back, _, _, no_extra = load_checkpoint(path, fresh, cfg.to_dict())
+    back, _, _, no_extra, _ = load_checkpoint(path, fresh, cfg.to_dict())
     assert (
         back.adapter is None and back.pool == [] and equal_states(back.base, merged.base) and no_extra == {}
     )

@@ -32,9 +32,11 @@ from cl_fed.models.tiny import NAME as TINY
 from cl_fed.privacy import (
     clip_update,
     epsilon,
+    new_secret,
     noise_seed,
     noise_std,
     noised_mean,
+    poisson_sample,
     privacy_report,
     update_norm,
 )
@@ -84,8 +86,27 @@ def test_noise_std_and_the_seeded_noised_mean():
     again, other = noised_mean(adapters, 0.25, seed=7), noised_mean(adapters, 0.25, seed=8)
     assert all(torch.equal(noised[k], again[k]) for k in noised)
     assert not torch.equal(noised["a.lora_A"], other["a.lora_A"])
-    assert noise_seed(5) == noise_seed(5) != noise_seed(6)
-    assert noise_seed(5, secret="s3cret") != noise_seed(5)
+    secret, other_secret = new_secret(), new_secret()
+    assert len(secret) == 64 and secret != other_secret  # 256 bits from the OS, new every run
+    assert noise_seed(5, secret) == noise_seed(5, secret) != noise_seed(6, secret)
+    assert noise_seed(5, other_secret) != noise_seed(5, secret)
+    for weak in ("", "s3cret"):  # a noise anyone can redraw can be subtracted: refused
+        with pytest.raises(ValueError, match="secret is missing or short"):
+            noise_seed(5, weak)
+    # Poisson sampling (DP with fraction-train < 1): a fixed denominator, start + noise when nobody came
+    start = {"a.lora_A": torch.zeros(2, 2), "a.lora_B": torch.ones(3, 2)}
+    one = {"a.lora_A": torch.full((2, 2), 3.0), "a.lora_B": torch.full((3, 2), 4.0)}
+    fixed = noised_mean([one], 0.0, 1, start=start, denominator=1.5)
+    assert torch.equal(fixed["a.lora_A"], torch.full((2, 2), 2.0)) and torch.equal(
+        fixed["a.lora_B"], torch.full((3, 2), 3.0)
+    )
+    alone = noised_mean([], 0.5, 3, start=start, denominator=1.5)
+    assert not torch.equal(alone["a.lora_B"], start["a.lora_B"]) and alone.keys() == start.keys()
+    # each node independently at the rate, from the secret: reproducible for the server only
+    nodes = list(range(1000))
+    picked = poisson_sample(nodes, 0.3, 7, secret)
+    assert picked == poisson_sample(nodes, 0.3, 7, secret) != poisson_sample(nodes, 0.3, 7, other_secret)
+    assert 240 < len(picked) < 360 and picked != poisson_sample(nodes, 0.3, 8, secret)
 
 
 def test_epsilon_against_the_accountant_and_by_hand():
@@ -196,7 +217,7 @@ def test_the_clipping_mod_clips_a_real_site_update_and_the_server_noises_the_mea
     std = 0.7 * clip / 2
     assert strategy.round_log["dp_noise_std"] == std
     clipped = [clip_update(r.content[P.ARRAYS].to_torch_state_dict(), start, clip) for r in replies]
-    expected = noised_mean(clipped, std, noise_seed(first.seed))
+    expected = noised_mean(clipped, std, noise_seed(first.seed, strategy.secret))
     assert set(noised) == set(expected) and all(torch.equal(noised[k], expected[k]) for k in expected)
     plain = noised_mean(clipped, 0.0, 0)
     noise = torch.cat([(noised[k] - plain[k]).flatten() for k in plain]).to(torch.float64)
@@ -204,6 +225,7 @@ def test_the_clipping_mod_clips_a_real_site_update_and_the_server_noises_the_mea
 
     # a site without the mod: the server clips its update itself, to the same aggregate (up to float32)
     unclipped = dp_strategy(tiny, clip)
+    unclipped.secret = strategy.secret  # the same run's server
     again = send(unclipped, grid, first, start)
     old = unclipped.sync.checksum
     answers = [reply(m, a, 8, f"s{i}", old) for i, (m, a) in enumerate(zip(again, raw))]
@@ -235,7 +257,8 @@ def test_epsilon_derives_from_the_round_log_so_resume_keeps_it(tmp_path):
     privacy = privacy_now(cfg, rounds)
     assert privacy["rounds"] == 3 and privacy["epsilon"] == epsilon(0.7, 1.0, 3, 1e-5) > 0
     assert privacy_now(cfg, rounds[:2])["epsilon"] < privacy["epsilon"]
-    assert privacy == privacy_report(0.7, 2.0, 1e-5, 1.0, 3, privacy["noise_seed"])
+    assert privacy == privacy_report(0.7, 2.0, 1e-5, 1.0, 3)
+    assert "secret" in privacy["noise_seed"] and "never sent" in privacy["noise_seed"]
     assert privacy["accountant"].startswith("opacus.accountants.RDPAccountant (opacus 1.6.0")
     record = RunRecord(
         run_name="r",

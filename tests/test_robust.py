@@ -64,7 +64,9 @@ def test_exact_median_is_the_median_of_the_products_and_ignores_one_huge_site():
     np.testing.assert_allclose(model.numpy(), np.median(products, axis=0), rtol=1e-10, atol=1e-12)
     # each coordinate stays within the honest sites' range; the mean follows the attacker out of it
     honest = torch.from_numpy(products[:4])
-    assert bool((model >= honest.min(0).values - 1e-12).all() and (model <= honest.max(0).values + 1e-12).all())
+    assert bool(
+        (model >= honest.min(0).values - 1e-12).all() and (model <= honest.max(0).values + 1e-12).all()
+    )
     factors, residual = split(aggregate("exact", updates, [0.2] * 5, scale))
     mean_model = residual["layer.weight"] + product_delta(
         [factors["layer.lora_A"]], [factors["layer.lora_B"]], [1.0], scale
