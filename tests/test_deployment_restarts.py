@@ -1,0 +1,257 @@
+"""Coordinator and site restarts on the Deployment Engine, for real: a `flower-superlink` with TLS,
+SuperNode authentication and `--database` (SQLite) and two authenticated `flower-supernode`
+processes on 127.0.0.1, all serving the packaged two-stage tiny scenario. In one federation:
+
+1. The SuperLink is SIGKILLed (with the SuperExec and ServerApp it spawned: a crash of the
+   coordinator's machine) as soon as round 1's checkpoint is on disk, then started again on the same
+   port with the same database and certificates. What Flower 1.42 does then:
+   - the killed run stays `running` in the database: nothing restarts its ServerApp (the SuperExec
+     only launches pending runs), and the restarted SuperLink ends it as `finished:failed`, "No
+     heartbeat received from the task", once its last heartbeat is HEARTBEAT_PATIENCE x 30 s old;
+   - the registered keys and node ids survive, and both SuperNodes, left running, reconnect by
+     themselves (their HTTP client retries with exponential backoff: "Connection successful after
+     ... tries" in their logs); they need no restart;
+   - `flwr run` again with resume=true continues from the checkpoint and ends exactly like an
+     uninterrupted run of the same config and seed on the same federation.
+   The dead run is left to fail by itself (not `flwr stop`ped) so that its status is Flower's own.
+2. factory-a's SuperNode is SIGKILLed in stage 1 while it sleeps in round 1 (a `sleep` fault, so
+   the kill lands mid-round): the SuperLink answers "Node Unavailable" for it once its heartbeats
+   stop, round 1 goes on with factory-b and round 2 is not sent to it (offline). As soon as stage
+   1's evaluation is checkpointed it is started again (same key, node config and port), while
+   factory-b sleeps in stage 2's first round (round 3) so that it is surely online before round 4:
+   it rejoins under the same node id, gets the full current weights (the server forgot what it
+   held when it dropped) and trains in round 4 on them.
+"""
+
+import json
+import math
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+from safetensors.torch import load_file
+from test_deployment import SITES, wait_for_file
+
+from cl_fed.continual import state_checksum
+from cl_fed.io import load_tensors, read_tensors_meta
+from cl_fed.state import ContinualState
+from deploy.federation import (
+    is_gone,
+    kill_supernode,
+    local_federation,
+    online_supernodes,
+    restart_superlink,
+    restart_supernode,
+    spawned_process,
+    submit_run,
+    wait_for_supernodes,
+)
+from server.checkpoint import CHECKPOINT
+from simulations.flower import flwr_run, run_status, wait_for_run
+
+SCENARIO = "tiny"  # two stages; also every SuperNode's node-config data
+
+
+@pytest.fixture(scope="module")
+def restarts(tmp_path_factory):
+    """Everything happens here, once, in one federation; the tests below check what it recorded."""
+    work = tmp_path_factory.mktemp("restarts")
+    faults = work / "faults.json"
+    faults.write_text("{}")
+    seen = {"started": set()}
+    with local_federation(
+        work / "federation",
+        SITES,
+        SCENARIO,
+        env={"CL_FED_FAULTS_FILE": str(faults)},
+        database=work / "federation" / "superlink" / "state.db",
+    ) as federation:
+        seen["started"] |= {p.pid for p in federation.processes.values()}
+        seen["node_ids"] = dict(federation.node_ids)
+        runs = str(work / "runs")
+        config = {"scenario": SCENARIO, "rounds-per-stage": 1, "output-dir": runs}
+        seen["whole"] = outcome(
+            flwr_run(
+                {**config, "run-name": "whole"},
+                superlink=federation.name,
+                env=federation.cli_env,
+                stream=False,
+                timeout=600,
+            )
+        )
+        seen["superlink"] = kill_superlink_after_round_one_and_resume(
+            federation, {**config, "run-name": "killed"}
+        )
+        seen["started"] |= {p.pid for p in federation.processes.values()}
+        seen["supernode"] = kill_supernode_in_stage_one_and_restart_in_stage_two(
+            federation, {**config, "rounds-per-stage": 2, "run-name": "rejoin"}, faults
+        )
+        seen["started"] |= {p.pid for p in federation.processes.values()}
+    seen["stopped"] = federation.stopped
+    return seen
+
+
+def outcome(run_dir: Path) -> dict:
+    return {
+        "results": json.loads((run_dir / "results.json").read_text()),
+        "model": state_checksum(load_file(run_dir / "model" / "model.safetensors")),
+    }
+
+
+def kill_superlink_after_round_one_and_resume(federation, config: dict) -> dict:
+    run_dir = Path(config["output-dir"]) / config["run-name"]
+    run_id = submit_run(federation, config)
+    wait_for_file(run_dir / CHECKPOINT, timeout=600)
+    superlink = federation.processes["superlink"].pid
+    server = spawned_process(superlink, "flwr-serverapp", timeout=10).pid
+    seen = {"superlink": superlink, "server": server, "killed": restart_superlink(federation)}
+    seen["results_when_killed"] = (run_dir / "results.json").exists()
+    seen["restarted"] = federation.processes["superlink"].pid
+    seen["killed_run_after_restart"] = run_status(run_id, federation.cli_env, federation.name)
+    # the SuperNodes were left alone: they must find the new SuperLink by themselves
+    wait_for_supernodes(2, federation.name, federation.cli_env, federation.processes, timeout=60)
+    seen["supernodes_alive"] = all(federation.processes[f"supernode:{s}"].poll() is None for s in SITES)
+    seen.update(
+        outcome(
+            flwr_run(
+                {**config, "resume": True},
+                superlink=federation.name,
+                env=federation.cli_env,
+                stream=False,
+                timeout=600,
+            )
+        )
+    )
+    seen["reconnected"] = {
+        s: "Connection successful after" in (federation.work / s / "supernode.log").read_text() for s in SITES
+    }
+    seen["killed_run"] = wait_for_run(run_id, federation.cli_env, 120, federation.name)
+    return seen
+
+
+def kill_supernode_in_stage_one_and_restart_in_stage_two(federation, config: dict, faults: Path) -> dict:
+    run_dir = Path(config["output-dir"]) / config["run-name"]
+    faults.write_text(
+        json.dumps(
+            {
+                "client": [
+                    {"site": "factory-a", "round": 1, "fault": "sleep", "seconds": 900},
+                    {"site": "factory-b", "round": 3, "fault": "sleep", "seconds": 20},
+                ]
+            }
+        )
+    )
+    node_a = federation.processes["supernode:factory-a"]
+    before = clientapps(node_a.pid)
+    run_id = submit_run(federation, config)
+    wait_for_new_clientapp(node_a.pid, before, timeout=600)  # round 1 reached factory-a: it sleeps
+    seen = {"old_pid": node_a.pid, "killed": kill_supernode(federation, "factory-a")}
+    # stage 1 is over (its evaluation is checkpointed): the server's weights are stage 2's
+    seen["base_at_return"] = wait_for_stage(run_dir / CHECKPOINT, 1, timeout=600)
+    seen["new_pid"] = restart_supernode(federation, "factory-a").pid
+    wait_for_supernodes(2, federation.name, federation.cli_env, federation.processes, timeout=60)
+    seen["online_after_restart"] = {
+        int(n["node-id"]) for n in online_supernodes(federation.name, federation.cli_env)
+    }
+    seen["status"] = wait_for_run(run_id, federation.cli_env, 900, federation.name)
+    seen["results"] = json.loads((run_dir / "results.json").read_text())
+    return seen
+
+
+def clientapps(pid: int) -> set[int]:
+    found = set()
+    for child in psutil.Process(pid).children(recursive=True):
+        try:
+            if any(Path(arg).name == "flwr-clientapp" for arg in child.cmdline()[:2]):
+                found.add(child.pid)
+        except psutil.NoSuchProcess:
+            continue
+    return found
+
+
+def wait_for_new_clientapp(pid: int, before: set[int], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not clientapps(pid) - before:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"no new flwr-clientapp below PID {pid} after {timeout:.0f} s")
+        time.sleep(0.2)
+
+
+def wait_for_stage(checkpoint: Path, stages: int, timeout: float) -> str:
+    """Until the checkpoint holds `stages` after-stage evaluations; the checksum of its weights."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if checkpoint.is_file():
+            try:
+                meta = read_tensors_meta(checkpoint)
+            except ValueError:  # replaced while read
+                meta = {}
+            if len(meta.get("record", {}).get("after_stage", [])) >= stages:
+                tensors, meta = load_tensors(checkpoint)
+                state = ContinualState.from_tensors(tensors, has_adapter=bool(meta["has_adapter"]))
+                return state_checksum(state.weights)
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{checkpoint} did not reach stage {stages} within {timeout:.0f} s")
+        time.sleep(0.2)
+
+
+@pytest.mark.slow
+def test_superlink_killed_mid_run_and_restarted_resumes_to_the_same_results(restarts):
+    killed, whole = restarts["superlink"], restarts["whole"]["results"]
+    # the SuperLink died with the ServerApp it ran, mid-run (after round 1, before the end)
+    assert {killed["superlink"], killed["server"]} <= set(killed["killed"])
+    assert not killed["results_when_killed"] and killed["restarted"] != killed["superlink"]
+    # the database kept the dead run, as still running: nothing restarts its ServerApp
+    assert killed["killed_run_after_restart"]["status"] == "running", killed["killed_run_after_restart"]
+    # the same SuperNode processes, reconnected by themselves, served the resumed run
+    assert killed["supernodes_alive"] and all(killed["reconnected"].values()), killed["reconnected"]
+    resumed = killed["results"]
+    assert resumed["complete"] and len(resumed["rounds"]) == 2
+    assert all(sorted(r["clients_used"]) == SITES for r in resumed["rounds"])
+    assert all(math.isfinite(w) for row in resumed["wer_matrix"] for w in row)
+    # nothing lost: the same numbers as the uninterrupted run under the same seed
+    assert resumed["wer_matrix"] == whole["wer_matrix"] and resumed["cer_matrix"] == whole["cer_matrix"]
+    assert resumed["initial_wer"] == whole["initial_wer"]
+    assert [r["loss"] for r in resumed["rounds"]] == [r["loss"] for r in whole["rounds"]]
+    assert resumed["base_checksum"] and resumed["base_checksum"] == whole["base_checksum"]
+    assert killed["model"] == restarts["whole"]["model"]
+    # and the restarted SuperLink failed the dead run once its heartbeats were overdue
+    assert killed["killed_run"]["status"] == "finished:failed", killed["killed_run"]
+    assert "No heartbeat" in killed["killed_run"]["status-details"]
+
+
+@pytest.mark.slow
+def test_supernode_killed_in_stage_one_rejoins_in_stage_two_and_trains(restarts):
+    seen, ids = restarts["supernode"], restarts["node_ids"]
+    node_a, node_b = ids["factory-a"], ids["factory-b"]
+    results = seen["results"]
+    assert seen["status"]["status"] == "finished:completed" and results["complete"]
+    assert all(math.isfinite(w) for row in results["wer_matrix"] for w in row)
+    rounds = results["rounds"]
+    assert [(r["stage"], r["round"]) for r in rounds] == [(0, 0), (0, 1), (1, 0), (1, 1)]
+    first, second, _, last = rounds
+    # round 1: sent to both, factory-a killed while it trained: dropped with the SuperLink's answer
+    assert sorted(first["sent_to"]) == sorted([node_a, node_b]) and first["clients_used"] == ["factory-b"]
+    [drop] = first["clients_dropped"]
+    assert drop["node"] == node_a and "Node Unavailable" in drop["reason"], drop
+    # round 2: factory-a offline, not sampled
+    assert second["sent_to"] == [node_b] and second["clients_used"] == ["factory-b"]
+    # restarted with the same key: the same node id, online again
+    assert seen["new_pid"] != seen["old_pid"] and seen["online_after_restart"] == {node_a, node_b}
+    # round 4 (stage 2): back, trained, on the server's current weights (sent in full)
+    assert sorted(last["sent_to"]) == sorted([node_a, node_b])
+    assert sorted(last["clients_used"]) == SITES and last["clients_dropped"] == []
+    assert last["site_checksums"]["factory-a"] == seen["base_at_return"]
+    assert last["site_checksums"]["factory-a"] == last["site_checksums"]["factory-b"]
+    assert seen["base_at_return"] != first["site_checksums"]["factory-b"]  # stage 1 changed the base
+
+
+@pytest.mark.slow
+def test_every_started_process_is_gone(restarts):
+    killed_link, killed_node = restarts["superlink"]["killed"], restarts["supernode"]["killed"]
+    # both SuperLinks, the old and the new factory-a SuperNode, factory-b's, and all they spawned
+    assert len(restarts["started"]) == 5
+    assert {restarts["supernode"]["old_pid"], restarts["supernode"]["new_pid"]} <= restarts["started"]
+    every = [*restarts["started"], *killed_link, *killed_node, *restarts["stopped"]]
+    assert all(is_gone(pid) for pid in every)
