@@ -770,3 +770,41 @@ def test_checkpoint_round_trip_and_another_config_is_refused(tiny, tmp_path):
     # a checkpoint of another model is refused with the file's name
     with pytest.raises(ValueError, match=r"checkpoint\.safetensors"):
         load_checkpoint(path, ContinualState.start({"w": torch.zeros(1)}), cfg.to_dict())
+
+
+def test_a_truncated_corrupted_or_edited_checkpoint_is_refused_naming_the_file(tiny, tmp_path):
+    """Server checkpoints and site state files (cl_fed.io) carry a checksum over tensors and metadata;
+    loading never unpickles, so a damaged or edited file is an error, never code that runs."""
+    import struct
+
+    cfg = make_config({"scenario": "tiny"})
+    state = server_after_round(tiny, [random_adapter(tiny["reference"], seed=1)], [1], merge=True)
+    record = RunRecord(
+        run_name="unit", strategy="centralization", schedule={}, config=cfg.to_dict(), stages=STAGES
+    )
+    path = tmp_path / CHECKPOINT
+    save_checkpoint(path, state, record, 3, secret="ab" * 32)
+    assert path.stat().st_mode & 0o777 == 0o600  # it holds the DP secret: the owner's only
+    fresh = ContinualState.start(tiny["base"])
+    assert load_checkpoint(path, fresh, cfg.to_dict()).secret == "ab" * 32
+    good = path.read_bytes()
+    header_end = 8 + struct.unpack("<Q", good[:8])[0]
+
+    def refused(data: bytes, words: str) -> None:
+        path.write_bytes(data)
+        with pytest.raises(ValueError, match=words) as caught:
+            load_checkpoint(path, fresh, cfg.to_dict())
+        assert str(path) in str(caught.value)
+
+    refused(good[: len(good) // 2], "truncated or corrupted")
+    flipped = bytearray(good)
+    flipped[header_end + 1000] ^= 0x40  # one bit of one weight
+    refused(bytes(flipped), "checksum does not match")
+    edited = good.replace(b'\\"next_step\\": 3', b'\\"next_step\\": 1')  # the position, in the JSON metadata
+    assert edited != good and len(edited) == len(good)
+    refused(edited, "checksum does not match")
+    # a DP run refuses a checkpoint that lost its secret: its noise could not be redrawn
+    dp = make_config({"scenario": "tiny", "merge": "factors", "weighting": "uniform", "dp-noise": 0.5})
+    save_checkpoint(path, state, RunRecord("unit", "centralization", {}, dp.to_dict(), STAGES), 3)
+    with pytest.raises(ValueError, match="without the server's noise secret"):
+        load_checkpoint(path, fresh, dp.to_dict())
