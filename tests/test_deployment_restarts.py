@@ -25,6 +25,7 @@ processes on 127.0.0.1, all serving the packaged two-stage tiny scenario. In one
 
 import json
 import math
+import re
 import time
 from pathlib import Path
 
@@ -45,10 +46,9 @@ from deploy.federation import (
     restart_supernode,
     spawned_process,
     submit_run,
-    wait_for_supernodes,
 )
 from server.checkpoint import CHECKPOINT
-from simulations.flower import flwr_run, run_status, wait_for_run
+from simulations.flower import run_status, wait_for_run
 
 SCENARIO = "tiny"  # two stages; also every SuperNode's node-config data
 
@@ -69,17 +69,9 @@ def restarts(tmp_path_factory):
     ) as federation:
         seen["started"] |= {p.pid for p in federation.processes.values()}
         seen["node_ids"] = dict(federation.node_ids)
-        runs = str(work / "runs")
-        config = {"scenario": SCENARIO, "rounds-per-stage": 1, "output-dir": runs}
-        seen["whole"] = outcome(
-            flwr_run(
-                {**config, "run-name": "whole"},
-                superlink=federation.name,
-                env=federation.cli_env,
-                stream=False,
-                timeout=600,
-            )
-        )
+        config = {"scenario": SCENARIO, "rounds-per-stage": 1, "output-dir": str(work / "runs")}
+        whole = {**config, "run-name": "whole"}
+        seen["whole"] = finish(federation, submit_run(federation, whole), whole)
         seen["superlink"] = kill_superlink_after_round_one_and_resume(
             federation, {**config, "run-name": "killed"}
         )
@@ -92,45 +84,54 @@ def restarts(tmp_path_factory):
     return seen
 
 
-def outcome(run_dir: Path) -> dict:
+def finish(federation, run_id: str, config: dict, timeout: float = 600) -> dict:
+    """Wait for the run (on its results.json: each `flwr ls` costs a second of CPU here, so the
+    SuperLink is asked only now and then), then its status, results and final model's checksum."""
+    run_dir = Path(config["output-dir"]) / config["run-name"]
+    deadline, asked = time.monotonic() + timeout, time.monotonic()
+    while not (run_dir / "results.json").is_file():
+        if time.monotonic() - asked > 20:
+            asked = time.monotonic()
+            status = run_status(run_id, federation.cli_env, federation.name)
+            if str(status.get("status", "")).startswith("finished"):
+                raise AssertionError(f"run {config['run-name']} ended without results: {status}")
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"run {config['run-name']} not done within {timeout:.0f} s")
+        time.sleep(0.5)
     return {
+        "status": wait_for_run(run_id, federation.cli_env, 120, federation.name),
         "results": json.loads((run_dir / "results.json").read_text()),
         "model": state_checksum(load_file(run_dir / "model" / "model.safetensors")),
     }
 
 
 def kill_superlink_after_round_one_and_resume(federation, config: dict) -> dict:
+    """Submit the run; as soon as round 1 (stage 1) is checkpointed, SIGKILL the SuperLink with its
+    ServerApp and start it again; leave the SuperNodes alone; submit the run again with resume=true."""
     run_dir = Path(config["output-dir"]) / config["run-name"]
+    logs = {s: federation.work / s / "supernode.log" for s in SITES}
     run_id = submit_run(federation, config)
     wait_for_file(run_dir / CHECKPOINT, timeout=600)
     superlink = federation.processes["superlink"].pid
     server = spawned_process(superlink, "flwr-serverapp", timeout=10).pid
+    offsets = {s: log.stat().st_size for s, log in logs.items()}
     seen = {"superlink": superlink, "server": server, "killed": restart_superlink(federation)}
     seen["results_when_killed"] = (run_dir / "results.json").exists()
     seen["restarted"] = federation.processes["superlink"].pid
     seen["killed_run_after_restart"] = run_status(run_id, federation.cli_env, federation.name)
-    # the SuperNodes were left alone: they must find the new SuperLink by themselves
-    wait_for_supernodes(2, federation.name, federation.cli_env, federation.processes, timeout=60)
+    seen.update(finish(federation, submit_run(federation, {**config, "resume": True}), config))
     seen["supernodes_alive"] = all(federation.processes[f"supernode:{s}"].poll() is None for s in SITES)
-    seen.update(
-        outcome(
-            flwr_run(
-                {**config, "resume": True},
-                superlink=federation.name,
-                env=federation.cli_env,
-                stream=False,
-                timeout=600,
-            )
-        )
-    )
     seen["reconnected"] = {
-        s: "Connection successful after" in (federation.work / s / "supernode.log").read_text() for s in SITES
+        s: "Connection successful after" in tail(log, offsets[s]) for s, log in logs.items()
     }
     seen["killed_run"] = wait_for_run(run_id, federation.cli_env, 120, federation.name)
     return seen
 
 
 def kill_supernode_in_stage_one_and_restart_in_stage_two(federation, config: dict, faults: Path) -> dict:
+    """factory-a sleeps in round 1 and is SIGKILLed there; once stage 1's evaluation is checkpointed
+    and round 3 (stage 2's first) has reached factory-b, which sleeps in it, factory-a's SuperNode is
+    started again, in time for round 4."""
     run_dir = Path(config["output-dir"]) / config["run-name"]
     faults.write_text(
         json.dumps(
@@ -143,20 +144,48 @@ def kill_supernode_in_stage_one_and_restart_in_stage_two(federation, config: dic
         )
     )
     node_a = federation.processes["supernode:factory-a"]
-    before = clientapps(node_a.pid)
+    log_a, log_b = (federation.work / s / "supernode.log" for s in SITES)
+    before, offset_b = clientapps(node_a.pid), log_b.stat().st_size
     run_id = submit_run(federation, config)
     wait_for_new_clientapp(node_a.pid, before, timeout=600)  # round 1 reached factory-a: it sleeps
     seen = {"old_pid": node_a.pid, "killed": kill_supernode(federation, "factory-a")}
-    # stage 1 is over (its evaluation is checkpointed): the server's weights are stage 2's
+    # stage 1 is over (its evaluation is checkpointed): the weights the server holds for stage 2
     seen["base_at_return"] = wait_for_stage(run_dir / CHECKPOINT, 1, timeout=600)
+    wait_for_received(log_b, offset_b, run_id, 3, timeout=300)  # round 3 reached factory-b: it sleeps
+    offset = log_a.stat().st_size
     seen["new_pid"] = restart_supernode(federation, "factory-a").pid
-    wait_for_supernodes(2, federation.name, federation.cli_env, federation.processes, timeout=60)
+    seen["new_node_id"] = wait_for_node_id(log_a, offset, federation.processes["supernode:factory-a"])
     seen["online_after_restart"] = {
         int(n["node-id"]) for n in online_supernodes(federation.name, federation.cli_env)
     }
-    seen["status"] = wait_for_run(run_id, federation.cli_env, 900, federation.name)
-    seen["results"] = json.loads((run_dir / "results.json").read_text())
+    seen.update(finish(federation, run_id, config, timeout=900))
     return seen
+
+
+def tail(log: Path, offset: int) -> str:
+    with open(log, encoding="utf-8", errors="replace") as text:
+        text.seek(offset)
+        return text.read()
+
+
+def wait_for_received(log: Path, offset: int, run_id: str, count: int, timeout: float) -> None:
+    """Until a SuperNode's log shows it received `count` train messages of the run."""
+    deadline = time.monotonic() + timeout
+    pattern = re.compile(rf"\[RUN {run_id}\][^\n]*\n[^\n]*Receiving: train message")
+    while len(pattern.findall(tail(log, offset))) < count:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{log}: fewer than {count} train messages of run {run_id} in {timeout:.0f} s")
+        time.sleep(0.2)
+
+
+def wait_for_node_id(log: Path, offset: int, process, timeout: float = 120) -> int:
+    """The node id a (re)started SuperNode logs once the SuperLink has activated it."""
+    deadline = time.monotonic() + timeout
+    while not (found := re.search(r"SuperNode ID: (\d+)", tail(log, offset))):
+        if process.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"SuperNode not activated (exit code {process.poll()}); see {log}")
+        time.sleep(0.2)
+    return int(found.group(1))
 
 
 def clientapps(pid: int) -> set[int]:
@@ -171,6 +200,7 @@ def clientapps(pid: int) -> set[int]:
 
 
 def wait_for_new_clientapp(pid: int, before: set[int], timeout: float) -> None:
+    """Until a `flwr-clientapp` that was not in `before` runs below `pid` (a message reached it)."""
     deadline = time.monotonic() + timeout
     while not clientapps(pid) - before:
         if time.monotonic() > deadline:
@@ -182,15 +212,10 @@ def wait_for_stage(checkpoint: Path, stages: int, timeout: float) -> str:
     """Until the checkpoint holds `stages` after-stage evaluations; the checksum of its weights."""
     deadline = time.monotonic() + timeout
     while True:
-        if checkpoint.is_file():
-            try:
-                meta = read_tensors_meta(checkpoint)
-            except ValueError:  # replaced while read
-                meta = {}
-            if len(meta.get("record", {}).get("after_stage", [])) >= stages:
-                tensors, meta = load_tensors(checkpoint)
-                state = ContinualState.from_tensors(tensors, has_adapter=bool(meta["has_adapter"]))
-                return state_checksum(state.weights)
+        if checkpoint.is_file() and len(read_tensors_meta(checkpoint)["record"]["after_stage"]) >= stages:
+            tensors, meta = load_tensors(checkpoint)
+            state = ContinualState.from_tensors(tensors, has_adapter=bool(meta["has_adapter"]))
+            return state_checksum(state.weights)
         if time.monotonic() > deadline:
             raise TimeoutError(f"{checkpoint} did not reach stage {stages} within {timeout:.0f} s")
         time.sleep(0.2)
@@ -198,7 +223,8 @@ def wait_for_stage(checkpoint: Path, stages: int, timeout: float) -> str:
 
 @pytest.mark.slow
 def test_superlink_killed_mid_run_and_restarted_resumes_to_the_same_results(restarts):
-    killed, whole = restarts["superlink"], restarts["whole"]["results"]
+    killed, whole = restarts["superlink"], restarts["whole"]
+    assert whole["status"]["status"] == "finished:completed" and whole["results"]["complete"]
     # the SuperLink died with the ServerApp it ran, mid-run (after round 1, before the end)
     assert {killed["superlink"], killed["server"]} <= set(killed["killed"])
     assert not killed["results_when_killed"] and killed["restarted"] != killed["superlink"]
@@ -207,18 +233,21 @@ def test_superlink_killed_mid_run_and_restarted_resumes_to_the_same_results(rest
     # the same SuperNode processes, reconnected by themselves, served the resumed run
     assert killed["supernodes_alive"] and all(killed["reconnected"].values()), killed["reconnected"]
     resumed = killed["results"]
-    assert resumed["complete"] and len(resumed["rounds"]) == 2
+    assert killed["status"]["status"] == "finished:completed" and resumed["complete"]
+    assert [(r["stage"], r["round"]) for r in resumed["rounds"]] == [(0, 0), (1, 0)]
     assert all(sorted(r["clients_used"]) == SITES for r in resumed["rounds"])
     assert all(math.isfinite(w) for row in resumed["wer_matrix"] for w in row)
     # nothing lost: the same numbers as the uninterrupted run under the same seed
-    assert resumed["wer_matrix"] == whole["wer_matrix"] and resumed["cer_matrix"] == whole["cer_matrix"]
-    assert resumed["initial_wer"] == whole["initial_wer"]
-    assert [r["loss"] for r in resumed["rounds"]] == [r["loss"] for r in whole["rounds"]]
-    assert resumed["base_checksum"] and resumed["base_checksum"] == whole["base_checksum"]
-    assert killed["model"] == restarts["whole"]["model"]
+    expected = whole["results"]
+    assert resumed["wer_matrix"] == expected["wer_matrix"]
+    assert resumed["cer_matrix"] == expected["cer_matrix"]
+    assert resumed["initial_wer"] == expected["initial_wer"]
+    assert [r["loss"] for r in resumed["rounds"]] == [r["loss"] for r in expected["rounds"]]
+    assert resumed["base_checksum"] and resumed["base_checksum"] == expected["base_checksum"]
+    assert killed["model"] == whole["model"]  # the final model, bit for bit
     # and the restarted SuperLink failed the dead run once its heartbeats were overdue
     assert killed["killed_run"]["status"] == "finished:failed", killed["killed_run"]
-    assert "No heartbeat" in killed["killed_run"]["status-details"]
+    assert "No heartbeat" in killed["killed_run"]["status-details"], killed["killed_run"]
 
 
 @pytest.mark.slow
@@ -230,16 +259,18 @@ def test_supernode_killed_in_stage_one_rejoins_in_stage_two_and_trains(restarts)
     assert all(math.isfinite(w) for row in results["wer_matrix"] for w in row)
     rounds = results["rounds"]
     assert [(r["stage"], r["round"]) for r in rounds] == [(0, 0), (0, 1), (1, 0), (1, 1)]
-    first, second, _, last = rounds
+    first, second, third, last = rounds
     # round 1: sent to both, factory-a killed while it trained: dropped with the SuperLink's answer
     assert sorted(first["sent_to"]) == sorted([node_a, node_b]) and first["clients_used"] == ["factory-b"]
     [drop] = first["clients_dropped"]
     assert drop["node"] == node_a and "Node Unavailable" in drop["reason"], drop
-    # round 2: factory-a offline, not sampled
-    assert second["sent_to"] == [node_b] and second["clients_used"] == ["factory-b"]
-    # restarted with the same key: the same node id, online again
-    assert seen["new_pid"] != seen["old_pid"] and seen["online_after_restart"] == {node_a, node_b}
-    # round 4 (stage 2): back, trained, on the server's current weights (sent in full)
+    # rounds 2 and 3 (the first of stage 2, during which it was restarted): offline, not sampled
+    assert [r["sent_to"] for r in (second, third)] == [[node_b]] * 2
+    assert [r["clients_used"] for r in (second, third)] == [["factory-b"]] * 2
+    # restarted with the same key: the same node id, online again beside factory-b
+    assert seen["new_pid"] != seen["old_pid"] and seen["new_node_id"] == node_a
+    assert seen["online_after_restart"] == {node_a, node_b}
+    # round 4: back, and trained on the server's current weights (sent in full: it was forgotten)
     assert sorted(last["sent_to"]) == sorted([node_a, node_b])
     assert sorted(last["clients_used"]) == SITES and last["clients_dropped"] == []
     assert last["site_checksums"]["factory-a"] == seen["base_at_return"]
