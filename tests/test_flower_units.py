@@ -21,7 +21,7 @@ from flwr.supercore.task_identity import TaskIdentity
 
 from cl_fed import protocol as P
 from cl_fed import updates
-from cl_fed.adapters import adapter_shapes, attach_lora
+from cl_fed.adapters import adapter_shapes, attach_lora, fresh_factors
 from cl_fed.aggregation import RESIDUAL, aggregate, split, with_zero_residual
 from cl_fed.centralize import base_key, example_weights, lora_pairs, state_bytes
 from cl_fed.config import DEFAULTS, make_config
@@ -58,7 +58,6 @@ def task_identity():
 def no_injected_faults(monkeypatch):
     monkeypatch.delenv("CL_FED_FAULTS_FILE", raising=False)
     monkeypatch.delenv("CL_FED_AUDIT_DIR", raising=False)
-    monkeypatch.delenv("CL_FED_DP_SECRET", raising=False)
     threads = torch.get_num_threads()
     yield
     torch.set_num_threads(threads)  # the client handlers set 1 thread for the whole process
@@ -808,3 +807,30 @@ def test_a_truncated_corrupted_or_edited_checkpoint_is_refused_naming_the_file(t
     save_checkpoint(path, state, RunRecord("unit", "centralization", {}, dp.to_dict(), STAGES), 3)
     with pytest.raises(ValueError, match="without the server's noise secret"):
         load_checkpoint(path, fresh, dp.to_dict())
+
+
+def test_robust_aggregation_and_dp_poisson_sampling_through_the_strategy(tiny):
+    from cl_fed.privacy import poisson_sample
+    from cl_fed.robust import robust_aggregate
+
+    strategy = make_strategy(tiny, aggregation="median", **{"update-norm-ratio": 0.0})
+    grid, _ = in_memory_grid(3)
+    messages = send(strategy, grid, train_steps(strategy.cfg)[0])
+    updates = [random_adapter(tiny["reference"], seed=s) for s in (1, 2)]
+    updates.append({k: 10 * v for k, v in updates[0].items()})  # one far-off site
+    old = strategy.sync.checksum
+    aggregated, _ = strategy.aggregate_train(
+        1, [reply(m, u, n, f"s{i}", old) for i, (m, u, n) in enumerate(zip(messages, updates, (1, 1, 100)))]
+    )
+    expected = robust_aggregate("exact", updates, tiny["spec"].scale, "median")
+    assert equal_states(tensors(aggregated), expected)
+    assert strategy.round_log["weights"] == [1 / 3] * 3  # robust statistics count every site once
+    # DP with fraction-train < 1: Poisson sampling from the server's secret, as the accountant assumes
+    dp = make_strategy(tiny, merge="factors", weighting="uniform", **{"dp-noise": 0.5, "fraction-train": 0.5})
+    grid, nodes = in_memory_grid(40)
+    step = train_steps(dp.cfg)[0]
+    sent = sorted(
+        m.metadata.dst_node_id for m in send(dp, grid, step, fresh_factors(tiny["reference"], step.seed))
+    )
+    assert dp.poisson and dp.expected == 20.0
+    assert sent == poisson_sample(nodes, 0.5, step.seed, dp.secret) and 8 < len(sent) < 32
