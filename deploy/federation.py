@@ -13,7 +13,8 @@ Each process gets its own FLWR_HOME and log under the work directory, as on sepa
     <work>/cli-home/        config.toml with the connection `[superlink.<name>]` used by `flwr`
 The plain functions below are used by deploy/local.py and tests/test_deployment.py, which also
 uses the fault drills at the end (submit a run without waiting, find and SIGKILL a ServerApp or a
-SuperNode with everything it spawned).
+SuperNode with everything it spawned); tests/test_deployment_restarts.py restarts the SuperLink
+(with `--database`) and a SuperNode as they were started (restart_superlink, restart_supernode).
 """
 
 from __future__ import annotations
@@ -311,13 +312,16 @@ def local_federation(
         federation.stopped = stop_all(list(federation.processes.values()))
 
 
-def restart_superlink(federation: Federation, timeout: float = 90.0) -> list[int]:
-    """SIGKILL the SuperLink with everything it spawned (its ServerApps: a crash of its machine) and
-    start it again alike: same port, certificates, auth and `--database`. Returns the PIDs killed.
-    Only a federation with a database keeps its registered SuperNodes and runs across this."""
+def restart_superlink(federation: Federation, downtime: float = 0.0, timeout: float = 90.0) -> list[int]:
+    """SIGKILL the SuperLink with everything it spawned (its ServerApps: a crash of its machine),
+    wait `downtime` seconds, and start it again alike: same port, certificates, auth and
+    `--database`. Returns the PIDs killed. Only a federation with a database keeps its registered
+    SuperNodes and runs across this; its SuperNodes, left running, reconnect by themselves (their
+    HTTP client retries with exponential backoff, at most 20 s apart)."""
     old = federation.processes["superlink"]
     killed = kill_tree(old.pid)
     old.wait(timeout=10)
+    time.sleep(downtime)
     superlink = federation.processes["superlink"] = start_superlink(
         federation.work,
         federation.port,

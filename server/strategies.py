@@ -8,6 +8,11 @@
         the replies checked (bad ones dropped with a reason), weighted, and aggregated by the plan's
         rule (cl_fed.aggregation): exact / fedit factors, or the mean of whole weights (fedavg)
 
+Limits on one site (check_origin, aggregate_train; the math in cl_fed/robust.py): a reply must echo
+its message's nonce (no replays) and come from the node that holds its site's name; its update
+(returned minus sent) must be within max-update-norm and update-norm-ratio x the round's median;
+its weight is capped at max-site-weight; `aggregation` swaps the mean for a median / trimmed mean.
+
 The ServerApp applies the returned aggregate to its ContinualState (cl_fed.loop), so whatever
 Flower strategy subclasses ours (FedAdam, FedYogi, FedAdagrad: `server-optimizer`) acts on exactly
 what is applied.
