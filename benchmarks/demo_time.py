@@ -11,6 +11,7 @@ prints the figures, asserts nothing.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import platform
 import tempfile
@@ -34,12 +35,14 @@ def main() -> None:
     with private_superlink(work, {"CL_FED_CACHE": str(work / "cache")}) as env:
         for label in ("cold (empty cache)", "cached"):
             start = time.perf_counter()
-            run_dir = flwr_run(
-                {"scenario": args.scenario, "output-dir": str(work / "runs")},
-                num_supernodes=sites,
-                env=env,
-                stream=False,
-            )
+            log = work / f"{label.split()[0]}.log"
+            # streamed, as `make demo` runs it (the log goes to a file)
+            with open(log, "w") as out, contextlib.redirect_stdout(out):
+                run_dir = flwr_run(
+                    {"scenario": args.scenario, "output-dir": str(work / "runs")},
+                    num_supernodes=sites,
+                    env=env,
+                )
             figures.append((label, time.perf_counter() - start, run_dir))
     assert (work / "cache" / "speech").is_dir(), "the run did not use the benchmark's private cache"
     print(f"machine: {platform.node()} {os.cpu_count()} cores, {platform.processor() or platform.machine()}")

@@ -13,8 +13,8 @@ Each process gets its own FLWR_HOME and log under the work directory, as on sepa
     <work>/cli-home/        config.toml with the connection `[superlink.<name>]` used by `flwr`
 The plain functions below are used by deploy/local.py and tests/test_deployment.py, which also
 uses the fault drills at the end (submit a run without waiting, find and SIGKILL a ServerApp or a
-SuperNode with everything it spawned); tests/test_deployment_restarts.py restarts the SuperLink
-(with `--database`) and a SuperNode as they were started (restart_superlink, restart_supernode).
+SuperNode with everything it spawned) and restarts the SuperLink (with `--database`);
+tests/test_deployment_faults.py restarts a SuperNode as it was started (restart_supernode).
 """
 
 from __future__ import annotations

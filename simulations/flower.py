@@ -109,6 +109,8 @@ def flwr_run(
     if overrides:
         command += ["--run-config", run_config_arg(overrides)]
     env = flower_env(env)
+    run_dir = Path(cfg.output_dir or runs_root()) / cfg.default_run_name()
+    before = file_stamp(run_dir / "results.json")  # a resumed or repeated run may find an old one
     proc = subprocess.Popen(
         command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=app_dir
     )
@@ -123,19 +125,44 @@ def flwr_run(
     found = re.search(r"Successfully started run (\d+)", text)
     if proc.returncode != 0 or not found:
         raise FlowerRunError(f"flwr run failed (exit {proc.returncode}):\n{text[-3000:]}")
-    status = wait_for_run(found.group(1), env, timeout, superlink)
+    results = (run_dir / "results.json", before)
+    status = wait_for_run(found.group(1), env, timeout, superlink, results=None if stream else results)
     if status.get("status") != "finished:completed":
         raise FlowerRunError(
             f"run {found.group(1)} ended as {status.get('status')!r}: "
             f"{status.get('status-details', '')}\n{text[-3000:]}"
         )
-    return Path(cfg.output_dir or runs_root()) / cfg.default_run_name()
+    return run_dir
 
 
-def wait_for_run(run_id: str, env: dict, timeout: float | None = None, superlink: str | None = None) -> dict:
-    """Poll the SuperLink until the run has finished (`flwr run` without --stream returns at once)."""
+def file_stamp(path: Path) -> tuple | None:
+    """(mtime, size) of a file, None if absent: tells a newly written file from an old one."""
+    try:
+        stat = path.stat()
+    except FileNotFoundError:
+        return None
+    return stat.st_mtime_ns, stat.st_size
+
+
+def wait_for_run(
+    run_id: str,
+    env: dict,
+    timeout: float | None = None,
+    superlink: str | None = None,
+    results: tuple[Path, tuple | None] | None = None,
+) -> dict:
+    """Wait until the SuperLink reports the run finished (`flwr run` without --stream returns at once).
+
+    Each `flwr ls` costs about a second of CPU, which a 2-core machine's training would miss: the
+    SuperLink is asked at intervals growing from 2 to 30 s, and every second once the run's
+    `results` file, (path, file_stamp before the run), has been written anew (the ServerApp writes
+    it last; on a remote SuperLink it never appears here and the intervals alone apply)."""
     deadline = time.monotonic() + (timeout or 24 * 3600)
-    unknown = 0
+    unknown, interval = 0, 2.0
+
+    def written() -> bool:
+        return results is not None and file_stamp(results[0]) not in (None, results[1])
+
     while True:
         status = run_status(run_id, env, superlink)
         if str(status.get("status", "")).startswith("finished") or time.monotonic() > deadline:
@@ -143,7 +170,14 @@ def wait_for_run(run_id: str, env: dict, timeout: float | None = None, superlink
         unknown = 0 if status else unknown + 1
         if unknown >= 3:  # a SuperLink that restarted has lost its runs: this one would never finish
             raise FlowerRunError(f"run {run_id} is unknown to the SuperLink (did it restart?)")
-        time.sleep(2.0)
+        if written():  # the ServerApp is about to exit
+            time.sleep(1.0)
+            continue
+        waited = 0.0
+        while waited < interval and not written():
+            time.sleep(0.25)
+            waited += 0.25
+        interval = min(interval * 1.5, 30.0)
 
 
 def run_status(run_id: str, env: dict, superlink: str | None = None) -> dict:

@@ -10,3 +10,21 @@ os.environ.setdefault("CL_FED_CACHE", str(_SESSION_CACHE))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+# The files that wait longest on real Flower processes, longest first: `make test`'s workers
+# (pytest-xdist, --dist loadfile) take files in collection order, so these start at once and the
+# short files fill in around them (the whole run is then about as long as its longest file).
+SLOW_FIRST = (
+    "test_deployment.py",
+    "test_deployment_faults.py",
+    "test_sweep.py",
+    "test_flower_e2e.py",
+    "test_local_flwr.py",
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: index for index, name in enumerate(SLOW_FIRST)}
+    items.sort(
+        key=lambda item: rank.get(item.path.name, len(SLOW_FIRST))
+    )  # stable: the rest keep their order

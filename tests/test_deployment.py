@@ -3,14 +3,33 @@
 scenario, results.json checked, a SuperNode with an unregistered key turned away, and every process
 the test started gone afterwards. Plus quick checks of the certificates and of node config `data`.
 
-Fault tolerance, each fault done for real to the real processes:
+Fault tolerance, each fault done for real to the real processes, each run compared with the
+uninterrupted one above (same config and seed, same federation):
 - the ServerApp process SIGKILLed right after round 1's checkpoint, the run submitted again with
-  resume=true: it ends exactly like the uninterrupted run above (same seed, same federation).
-SuperNodes killed mid-round and bad audio are in test_deployment_faults.py.
+  resume=true: it ends exactly like the uninterrupted run;
+- the SuperLink (started with `--database`, SQLite) SIGKILLed with the SuperExec and ServerApp it
+  spawned (a crash of the coordinator's machine) as soon as round 1's checkpoint is on disk, down
+  4 s (longer than a SuperNode's 3 s between pulls), then started again on the same port with the
+  same database and certificates. What Flower 1.42 does then:
+  - the killed run is still `running` in the database: nothing restarts its ServerApp (the
+    SuperExec launches pending runs only). Left alone, the restarted SuperLink fails it
+    (`finished:failed`, "No heartbeat received from the task") once its ServerApp's last heartbeat
+    is HEARTBEAT_PATIENCE x 30 s = 60 s old; until then its messages pushed before the crash (round
+    2's) are still handed out, and a reconnected SuperNode was seen held ~40 s by one before it
+    served the resumed run. So the test, as an operator would, `flwr stop`s the dead run
+    (`finished:stopped`; SuperNodes then ignore its messages) before resuming;
+  - the registered keys and node ids survive, and both SuperNodes, left running, reconnect by
+    themselves (their HTTP client retries with exponential backoff: "Connection successful after
+    ... tries" in their logs); they need no restart;
+  - `flwr run` again with resume=true continues from the checkpoint and ends exactly like the
+    uninterrupted run (wer/cer matrices, losses, base checksum, the final model's checksum).
+A SuperNode killed mid-round and restarted a stage later, and bad audio, are in
+test_deployment_faults.py.
 """
 
 import json
 import math
+import re
 import ssl
 import time
 from pathlib import Path
@@ -32,6 +51,7 @@ from deploy.federation import (
     kill_tree,
     local_federation,
     online_supernodes,
+    restart_superlink,
     spawned_process,
     start_supernode,
     stop_run,
@@ -63,7 +83,8 @@ def deployment(tmp_path_factory, scenario):
     """Everything happens here, once; the tests below check what it recorded."""
     work = tmp_path_factory.mktemp("deployment")
     seen = {}
-    with local_federation(work / "federation", SITES, str(scenario)) as federation:
+    database = work / "federation" / "superlink" / "state.db"  # what survives a SuperLink restart
+    with local_federation(work / "federation", SITES, str(scenario), database=database) as federation:
         ca = federation.certs["ca.crt"]
         seen["plain_http_refused"] = _refused(f"http://{federation.address}/health")
         seen["https_with_ca"] = httpx.get(
@@ -82,7 +103,13 @@ def deployment(tmp_path_factory, scenario):
             key,
         )
         federation.processes["supernode:intruder"] = intruder  # stopped with the rest if it lingers
-        config = {"scenario": str(scenario), "rounds-per-stage": 2, "output-dir": str(work / "runs")}
+        # one epoch: a round costs mostly its ClientApp processes starting
+        config = {
+            "scenario": str(scenario),
+            "rounds-per-stage": 2,
+            "local-epochs": 1,
+            "output-dir": str(work / "runs"),
+        }
         run_dir = flwr_run(
             {**config, "run-name": "whole"},
             superlink=federation.name,
@@ -97,6 +124,10 @@ def deployment(tmp_path_factory, scenario):
             federation, {**config, "run-name": "killed"}
         )
         seen["started"] = {label: p.pid for label, p in federation.processes.items()}
+        seen["superlink_killed"] = kill_superlink_after_round_one_and_resume(
+            federation, {**config, "run-name": "superlink-killed"}
+        )
+        seen["restarted_superlink"] = federation.processes["superlink"].pid
     seen["stopped"] = federation.stopped
     seen["results"] = json.loads((run_dir / "results.json").read_text())
     seen["model"] = state_checksum(load_file(run_dir / "model" / "model.safetensors"))
@@ -127,6 +158,60 @@ def kill_server_after_round_one_and_resume(federation, config: dict) -> dict:
     seen["results"] = json.loads((run_dir / "results.json").read_text())
     seen["model"] = state_checksum(load_file(run_dir / "model" / "model.safetensors"))
     return seen
+
+
+def kill_superlink_after_round_one_and_resume(federation, config: dict) -> dict:
+    """Submit the run; as soon as round 1 is checkpointed, SIGKILL the SuperLink with its ServerApp
+    and start it again; leave the SuperNodes alone; stop the dead run and submit the run again with
+    resume=true."""
+    run_dir = Path(config["output-dir"]) / config["run-name"]
+    logs = {s: federation.work / s / "supernode.log" for s in SITES}
+    run_id = submit_run(federation, config)
+    wait_for_file(run_dir / CHECKPOINT, timeout=600)
+    superlink = federation.processes["superlink"].pid
+    server = spawned_process(superlink, "flwr-serverapp", timeout=10).pid
+    offsets = {s: log.stat().st_size for s, log in logs.items()}
+    # down longer than a SuperNode's 3 s between pulls: each surely finds it gone, then back
+    seen = {"superlink": superlink, "server": server, "killed": restart_superlink(federation, downtime=4)}
+    seen["results_when_killed"] = (run_dir / "results.json").exists()
+    seen["killed_run_after_restart"] = run_status(run_id, federation.cli_env, federation.name)
+    stop_run(federation, run_id)
+    seen["killed_run"] = run_status(run_id, federation.cli_env, federation.name)
+    # back online: each SuperNode, left alone, logs that it reached the SuperLink again
+    seen["reconnected"] = {
+        s: wait_for_log(log, offsets[s], RECONNECTED, timeout=60) for s, log in logs.items()
+    }
+    seen["supernodes_alive"] = all(federation.processes[f"supernode:{s}"].poll() is None for s in SITES)
+    flwr_run(
+        {**config, "resume": True},
+        superlink=federation.name,
+        env=federation.cli_env,
+        stream=False,
+        timeout=600,
+    )
+    seen["results"] = json.loads((run_dir / "results.json").read_text())
+    seen["model"] = state_checksum(load_file(run_dir / "model" / "model.safetensors"))
+    return seen
+
+
+def tail(log: Path, offset: int) -> str:
+    """A log from byte `offset` on."""
+    with open(log, encoding="utf-8", errors="replace") as text:
+        text.seek(offset)
+        return text.read()
+
+
+RECONNECTED = re.compile(r"Connection successful after [\d.]+ seconds and \d+ tries")
+
+
+def wait_for_log(log: Path, offset: int, pattern: re.Pattern, timeout: float) -> str:
+    """Until `pattern` appears in `log` after `offset`; the line it matched."""
+    deadline = time.monotonic() + timeout
+    while not (found := pattern.search(tail(log, offset))):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{log}: no {pattern.pattern!r} within {timeout:.0f} s")
+        time.sleep(0.2)
+    return found.group(0)
 
 
 def wait_for_file(path: Path, timeout: float) -> None:
@@ -191,14 +276,44 @@ def test_server_killed_after_a_round_resumes_to_the_same_results(deployment):
 
 
 @pytest.mark.slow
+def test_superlink_killed_mid_run_and_restarted_resumes_to_the_same_results(deployment):
+    killed, whole = deployment["superlink_killed"], deployment["results"]
+    # the SuperLink died with the ServerApp it ran, mid-run (after round 1, before the end)
+    assert {killed["superlink"], killed["server"]} <= set(killed["killed"])
+    assert not killed["results_when_killed"] and deployment["restarted_superlink"] != killed["superlink"]
+    # the database kept the dead run, as still running: nothing restarts its ServerApp; stopped by
+    # hand, it stays stopped
+    assert killed["killed_run_after_restart"]["status"] == "running", killed["killed_run_after_restart"]
+    assert killed["killed_run"]["status"] == "finished:stopped", killed["killed_run"]
+    # the same SuperNode processes, never restarted, reconnected by themselves (logged) and served
+    # the resumed run
+    reconnected = killed["reconnected"]
+    assert killed["supernodes_alive"] and set(reconnected) == set(SITES), reconnected
+    assert all(RECONNECTED.fullmatch(line) for line in reconnected.values()), reconnected
+    resumed = killed["results"]
+    assert resumed["complete"] and [(r["stage"], r["round"]) for r in resumed["rounds"]] == [(0, 0), (0, 1)]
+    assert all(sorted(r["clients_used"]) == SITES and r["clients_dropped"] == [] for r in resumed["rounds"])
+    # nothing lost: the same numbers as the uninterrupted run under the same seed
+    assert resumed["wer_matrix"] == whole["wer_matrix"] and resumed["cer_matrix"] == whole["cer_matrix"]
+    assert resumed["initial_wer"] == whole["initial_wer"]
+    assert [r["loss"] for r in resumed["rounds"]] == [r["loss"] for r in whole["rounds"]]
+    assert resumed["base_checksum"] and resumed["base_checksum"] == whole["base_checksum"]
+    assert killed["model"] == deployment["model"]  # the final model, bit for bit
+
+
+@pytest.mark.slow
 def test_every_started_process_is_gone(deployment):
     started = deployment["started"]
     assert set(started) == {"superlink", "supernode:intruder", *(f"supernode:{s}" for s in SITES)}
-    # the long-running ones were stopped together with what they spawned (SuperExec processes)
-    assert {started["superlink"], started["supernode:factory-a"], started["supernode:factory-b"]} < set(
+    # the long-running ones were stopped together with what they spawned (SuperExec processes);
+    # the first SuperLink was killed, the restarted one stopped
+    restarted = deployment["restarted_superlink"]
+    assert {restarted, started["supernode:factory-a"], started["supernode:factory-b"]} < set(
         deployment["stopped"]
     )
-    assert all(is_gone(pid) for pid in [*started.values(), *deployment["stopped"]])
+    assert started["superlink"] in deployment["superlink_killed"]["killed"]
+    every = [*started.values(), restarted, *deployment["superlink_killed"]["killed"], *deployment["stopped"]]
+    assert all(is_gone(pid) for pid in every)
 
 
 def test_certificates_fit_flower(tmp_path):
