@@ -11,6 +11,7 @@ import re
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
+from cl_fed.devices import DEVICE_PATTERN, PRECISIONS
 from cl_fed.schedule import Schedule, check_strategy, parse_schedule
 
 MERGE_MODES = ("product", "factors")
@@ -39,6 +40,11 @@ DEFAULTS: dict[str, object] = {
     "weight-decay": 0.01,
     "grad-clip": 1.0,  # max global gradient norm (0 = off)
     "spec-augment": True,
+    "grad-accumulation": 1,  # micro-batches of batch-size per optimizer step
+    # hardware (cl_fed/devices.py): where sites train and the server evaluates; merges stay on the CPU
+    "device": "auto",  # auto (CUDA, else MPS, else CPU) | cpu | cuda | cuda:N | mps
+    "precision": "auto",  # auto (bf16 on CUDA where supported, else fp32) | fp32 | bf16 | fp16
+    "gradient-checkpointing": False,  # recompute activations in backward: less memory, slower
     "lora-rank": 0,  # 0 = the model family's default (tiny and Whisper: 32, as in the paper; CTC: 16)
     "lora-alpha": 0.0,  # 0 = the model family's default (tiny and Whisper: 64; CTC: 32)
     "lora-dropout": -1.0,  # < 0 = the model family's default (0.05)
@@ -91,7 +97,16 @@ SERVER_OPTIMIZERS = ("none", "fedadam", "fedyogi", "fedadagrad")
 AGGREGATIONS = ("mean", "median", "trimmed-mean")  # cl_fed/robust.py
 SCHEDULED_STRATEGIES = ("centralization", "local")
 NAMED_ELSEWHERE = ("scenario", "strategy", "merge", "centralize-every", "seed")
-NOT_IN_NAME = ("allow-download", "round-timeout", "output-dir", "run-name", "resume")  # do not change results
+# do not change what is computed (device: up to the hardware's rounding)
+NOT_IN_NAME = (
+    "allow-download",
+    "round-timeout",
+    "output-dir",
+    "run-name",
+    "resume",
+    "device",
+    "gradient-checkpointing",
+)
 
 
 def _name_part(value) -> str:
@@ -121,6 +136,10 @@ class RunConfig:
     weight_decay: float
     grad_clip: float
     spec_augment: bool
+    grad_accumulation: int
+    device: str
+    precision: str
+    gradient_checkpointing: bool
     lora_rank: int
     lora_alpha: float
     lora_dropout: float
@@ -224,7 +243,11 @@ def make_config(overrides: dict | None = None, *, source: str = "run config") ->
         raise ValueError(f"{source}: weighting={cfg.weighting!r}; choose examples or uniform")
     if cfg.sites < 0:
         raise ValueError(f"{source}: sites={cfg.sites!r} must be >= 1 (or 0 for every site of the data)")
-    for key in ("rounds-per-stage", "local-epochs", "batch-size"):
+    if not DEVICE_PATTERN.fullmatch(cfg.device):
+        raise ValueError(f"{source}: device={cfg.device!r}; choose auto, cpu, cuda, cuda:N or mps")
+    if cfg.precision not in PRECISIONS:
+        raise ValueError(f"{source}: precision={cfg.precision!r}; choose one of {', '.join(PRECISIONS)}")
+    for key in ("rounds-per-stage", "local-epochs", "batch-size", "grad-accumulation"):
         if values[key] < 1:
             raise ValueError(f"{source}: {key}={values[key]!r} must be >= 1")
     for key in ("lora-rank", "lora-alpha"):

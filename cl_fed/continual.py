@@ -20,6 +20,7 @@ from cl_fed.data.scenario import Scenario, load_scenario
 from cl_fed.data.stream import StageStream
 from cl_fed.data.synth import generate
 from cl_fed.data.utterance import Utterance
+from cl_fed.devices import amp_mode, enable_gradient_checkpointing, resolve_device
 from cl_fed.evaluate import evaluate
 from cl_fed.models.base import SpeechModel
 from cl_fed.models.registry import build_model, load_model
@@ -73,6 +74,16 @@ def starting_model(cfg: RunConfig, scenario: Scenario | None, progress: bool = T
     return build_model(cfg.model, allow_download=cfg.allow_download, seed=cfg.seed)
 
 
+def on_device(cfg: RunConfig, speech: SpeechModel, training: bool = False) -> SpeechModel:
+    """`speech` moved to the run's device (checked, with its precision, before anything trains);
+    with gradient checkpointing when it trains and the run asks for it."""
+    device = resolve_device(cfg.device)
+    amp_mode(cfg.precision, device)
+    if training and cfg.gradient_checkpointing:
+        enable_gradient_checkpointing(speech.model)
+    return speech.to(device)
+
+
 def lora_spec(cfg: RunConfig, speech: SpeechModel) -> LoraSpec:
     """The run's LoRA shape; 0 / negative config values take the model family's defaults."""
     return LoraSpec(
@@ -89,10 +100,12 @@ def train_config(cfg: RunConfig, step: Train, num_utterances: int, progress: boo
     The LR schedule spans `lr-span`: with "stage" a round trains steps [i * n, (i + 1) * n) of one
     schedule over the stage's rounds (n = the round's optimizer steps), so warm-up happens once per
     stage; the optimizer's moments still restart every round, as in FedAvg's local training."""
-    per_round = steps_per_call(num_utterances, cfg.local_epochs, cfg.batch_size)
+    per_round = steps_per_call(num_utterances, cfg.local_epochs, cfg.batch_size, cfg.grad_accumulation)
     return TrainConfig(
         epochs=cfg.local_epochs,
         batch_size=cfg.batch_size,
+        accumulate=cfg.grad_accumulation,
+        amp=amp_mode(cfg.precision, resolve_device(cfg.device)),
         lr=cfg.full_lr if step.start == "full" else cfg.lr,
         schedule=cfg.lr_schedule,
         warmup=cfg.warmup,

@@ -23,6 +23,7 @@ from cl_fed.config import DEFAULTS, RunConfig, make_config
 from cl_fed.continual import (
     evaluate_weights,
     lora_spec,
+    on_device,
     prepare_data,
     start_adapter,
     starting_model,
@@ -65,6 +66,7 @@ def run_single_site(cfg: RunConfig, site: str = "all", progress: bool = True) ->
     spec = lora_spec(cfg, trainer) if cfg.strategy != "fedavg" else None
     if spec is not None:
         trainer.model = attach_lora(trainer.model, spec, seed=cfg.seed)
+    on_device(cfg, trainer, training=True)  # an unavailable device or precision fails here
     scale = spec.scale if spec is not None else 1.0
     shapes = adapter_shapes(trainer.model) if spec is not None else {}
     sets = test_sets(stream)
@@ -83,6 +85,7 @@ def run_single_site(cfg: RunConfig, site: str = "all", progress: bool = True) ->
         f"evaluating the starting base on {len(sets)} test sets",
     )
     state = ContinualState.start({k: v.detach().clone() for k, v in evaluator.model.state_dict().items()})
+    on_device(cfg, evaluator)  # the state stays on the CPU: merges are float64 there
     record.initial = evaluate_weights(evaluator, state.evaluated(scale), sets, "initial")
     _say(progress, wer_line("starting base", record.initial.wer))
     views = {s: stream.site(s) for s in sites}
@@ -197,6 +200,7 @@ def run_joint(cfg: RunConfig, progress: bool = True) -> Path:
         f"[cl-fed] joint training on all {len(stream.stages)} stages of {len(stream.sites)} sites at once",
     )
     weights = {k: v.detach().clone() for k, v in speech.model.state_dict().items()}
+    on_device(cfg, speech, training=True)
     record.initial = evaluate_weights(speech, weights, sets, "initial")
     data = [u for s in stream.sites for t in range(len(stream.stages)) for u in stream.site(s).enter(t)]
     rounds = cfg.rounds_per_stage

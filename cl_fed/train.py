@@ -39,6 +39,8 @@ class TrainConfig:
     """Local training settings (defaults in brackets).
 
     epochs [1]: passes over the data; ignored when max_steps is set.
+    accumulate [1]: micro-batches of batch_size per optimizer step, their losses averaged (the
+        gradient of a batch of up to accumulate x batch_size utterances, in batch_size's memory).
     max_steps [None]: when set, exactly this many optimizer steps (cycling through epochs).
     batch_size [16]; lr [1e-3]: the peak learning rate, reached at the end of warm-up.
     schedule ["inverse_sqrt"]: the LR schedule, one of transformers' schedule functions, each with linear
@@ -62,6 +64,7 @@ class TrainConfig:
     epochs: int = 1
     max_steps: int | None = None
     batch_size: int = 16
+    accumulate: int = 1
     lr: float = 1e-3
     schedule: str = "inverse_sqrt"
     warmup: float = 0.1
@@ -81,6 +84,8 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.amp must be one of {AMP_MODES}, got {self.amp!r}")
         if self.batch_size < 1 or self.epochs < 0 or (self.max_steps is not None and self.max_steps < 0):
             raise ValueError(f"TrainConfig needs batch_size >= 1, epochs >= 0, max_steps >= 0: {self}")
+        if self.accumulate < 1:
+            raise ValueError(f"TrainConfig.accumulate must be >= 1, got {self.accumulate}")
         if self.lr <= 0 or self.grad_clip < 0 or self.weight_decay < 0:
             raise ValueError(f"TrainConfig needs lr > 0 and grad_clip, weight_decay >= 0: {self}")
         if not 0.0 <= self.warmup <= 1.0:
@@ -110,14 +115,16 @@ def check_span(config: TrainConfig, steps: int) -> None:
         )
 
 
-def steps_per_call(num_utterances: int, epochs: int, batch_size: int) -> int:
-    """Optimizer steps of a train_local call without max_steps: epochs * ceil(num_utterances / batch_size)."""
-    if num_utterances < 0 or epochs < 0 or batch_size < 1:
+def steps_per_call(num_utterances: int, epochs: int, batch_size: int, accumulate: int = 1) -> int:
+    """Optimizer steps of a train_local call without max_steps: epochs x the steps of an epoch,
+    ceil(ceil(num_utterances / batch_size) / accumulate) (an epoch's last step may take fewer
+    micro-batches)."""
+    if num_utterances < 0 or epochs < 0 or batch_size < 1 or accumulate < 1:
         raise ValueError(
-            f"steps_per_call needs num_utterances >= 0, epochs >= 0, batch_size >= 1, "
-            f"got {num_utterances}, {epochs}, {batch_size}"
+            f"steps_per_call needs num_utterances >= 0, epochs >= 0, batch_size >= 1, accumulate >= 1, "
+            f"got {num_utterances}, {epochs}, {batch_size}, {accumulate}"
         )
-    return epochs * math.ceil(num_utterances / batch_size)
+    return epochs * math.ceil(math.ceil(num_utterances / batch_size) / accumulate)
 
 
 def num_warmup_steps(warmup: float, span_steps: int) -> int:
@@ -280,7 +287,7 @@ def train_local(
     total_steps = (
         config.max_steps
         if config.max_steps is not None
-        else steps_per_call(len(utterances), config.epochs, config.batch_size)
+        else steps_per_call(len(utterances), config.epochs, config.batch_size, config.accumulate)
     )
     check_span(config, total_steps)
     span_steps = total_steps if config.span_steps is None else config.span_steps
@@ -304,28 +311,34 @@ def train_local(
         speech.model.train()
         _freeze_frozen_batchnorm(speech.model)
         bar = Progress(total_steps, "train", "step", enabled=bool(config.progress), leave=False)
-        per_epoch = math.ceil(len(utterances) / config.batch_size)
+        per_epoch = steps_per_call(len(utterances), 1, config.batch_size, config.accumulate)
         epoch_start, epoch_tick = 0, time.perf_counter()
         try:
             batches: list[list[int]] = []
             for step in range(total_steps):
                 if not batches:
                     batches = length_batches(lengths, config.batch_size, generator)
-                indices = batches.pop(0)
-                batch = speech.collate(
-                    [entries[i][0] for i in indices],
-                    [utterances[i].text for i in indices],
-                    augment=config.spec_augment,
-                    generator=generator,
-                )
-                with autocast:
-                    loss = speech.loss(batch)
-                if not torch.isfinite(loss):
-                    ids = [utterances[i].id for i in indices]
-                    raise FloatingPointError(
-                        f"non-finite training loss {loss.item()} at step {step}, batch {ids}"
+                # this step's micro-batches: up to `accumulate`, never across an epoch's end
+                micro = [batches.pop(0) for _ in range(min(config.accumulate, len(batches)))]
+                step_loss = 0.0
+                for indices in micro:
+                    batch = speech.collate(
+                        [entries[i][0] for i in indices],
+                        [utterances[i].text for i in indices],
+                        augment=config.spec_augment,
+                        generator=generator,
                     )
-                (scaler.scale(loss) if scaler else loss).backward()
+                    with autocast:
+                        loss = speech.loss(batch)
+                    if not torch.isfinite(loss):
+                        ids = [utterances[i].id for i in indices]
+                        raise FloatingPointError(
+                            f"non-finite training loss {loss.item()} at step {step}, batch {ids}"
+                        )
+                    loss = loss / len(micro) if len(micro) > 1 else loss  # k = 1: as without accumulation
+                    (scaler.scale(loss) if scaler else loss).backward()
+                    step_loss += loss.item()
+                    audio_seconds += sum(entries[i][1] for i in indices)
                 if scaler:
                     scaler.unscale_(optimizer)
                 if config.grad_clip > 0:
@@ -338,8 +351,7 @@ def train_local(
                     optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
-                step_losses.append(loss.item())
-                audio_seconds += sum(entries[i][1] for i in indices)
+                step_losses.append(step_loss)
                 bar.update(loss=f"{step_losses[-1]:.3f}")
                 if (step + 1) % per_epoch == 0 or step + 1 == total_steps:  # an epoch (or max_steps) ends
                     epoch = (step // per_epoch + 1, math.ceil(total_steps / per_epoch))

@@ -21,7 +21,7 @@ import torch
 
 from cl_fed.adapters import adapter_shapes, attach_lora
 from cl_fed.config import RunConfig
-from cl_fed.continual import lora_spec, prepare_data, state_checksum
+from cl_fed.continual import lora_spec, on_device, prepare_data, state_checksum
 from cl_fed.data.stream import StageStream
 from cl_fed.io import atomic_save_tensors, atomic_write_text, load_tensors, read_tensors_meta
 from cl_fed.models.base import SpeechModel
@@ -157,6 +157,7 @@ def load_site(cfg: RunConfig, node_config: dict, run_key: str, run_id: int) -> S
     speech = build_model(cfg.model, allow_download=cfg.allow_download, seed=cfg.seed)
     if cfg.strategy in LORA_STRATEGIES:
         speech.model = attach_lora(speech.model, lora_spec(cfg, speech), seed=cfg.seed)
+    on_device(cfg, speech, training=True)  # the GPU Ray assigned to this ClientApp, if any
     state_dir = cache_root() / "sites" / run_key / name
     owner = state_dir / "run-id"
     if not cfg.resume and owner.is_file() and owner.read_text().strip() != str(run_id):

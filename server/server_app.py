@@ -26,6 +26,7 @@ from cl_fed.config import RunConfig, make_config
 from cl_fed.continual import (
     evaluate_weights,
     lora_spec,
+    on_device,
     prepare_data,
     start_adapter,
     starting_model,
@@ -85,6 +86,7 @@ def run_server(grid: Grid, run_config: dict) -> Path:
     sets = test_sets(stream) if cfg.evaluation == "server" else {s: [] for s in stages}
     federated = cfg.evaluation == "federated" or cfg.strategy == "local"
     base = {k: v.detach().clone() for k, v in speech.model.state_dict().items()}
+    on_device(cfg, speech)  # evaluation only; the weights and merges stay on the CPU (float64 math)
     strategy = build_strategy(cfg)
     if strategy.lora:
         spec = lora_spec(cfg, speech)
