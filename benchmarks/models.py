@@ -19,8 +19,17 @@ from cl_fed.continual import lora_spec
 from cl_fed.models.tiny import NAME as TINY_NAME
 from cl_fed.models.tiny import build_tiny
 
-# config.json of openai/whisper-base and openai/whisper-small
+# config.json of openai/whisper-tiny, -base, -small and -large-v3-turbo
 WHISPER_SIZES = {
+    "whisper-tiny": dict(
+        d_model=384,
+        encoder_layers=4,
+        decoder_layers=4,
+        encoder_attention_heads=6,
+        decoder_attention_heads=6,
+        encoder_ffn_dim=1536,
+        decoder_ffn_dim=1536,
+    ),
     "whisper-base": dict(
         d_model=512,
         encoder_layers=6,
@@ -39,8 +48,19 @@ WHISPER_SIZES = {
         encoder_ffn_dim=3072,
         decoder_ffn_dim=3072,
     ),
+    "whisper-large-v3-turbo": dict(
+        d_model=1280,
+        encoder_layers=32,
+        decoder_layers=4,
+        encoder_attention_heads=20,
+        decoder_attention_heads=20,
+        encoder_ffn_dim=5120,
+        decoder_ffn_dim=5120,
+        num_mel_bins=128,
+        vocab_size=51866,
+    ),
 }
-MODELS = ("tiny", *WHISPER_SIZES)
+MODELS = ("tiny", "whisper-base", "whisper-small")  # the server-side benchmarks' defaults
 
 
 def build(name: str, seed: int = 0) -> tuple[str, nn.Module, LoraSpec]:
@@ -50,18 +70,13 @@ def build(name: str, seed: int = 0) -> tuple[str, nn.Module, LoraSpec]:
         speech = build_tiny(seed=seed)
         return TINY_NAME, speech.model, lora_spec(cfg, speech)
     if name not in WHISPER_SIZES:
-        raise ValueError(f"unknown benchmark model {name!r}; choose from {', '.join(MODELS)}")
+        raise ValueError(f"unknown benchmark model {name!r}; choose from tiny, {', '.join(WHISPER_SIZES)}")
     from transformers import WhisperConfig, WhisperForConditionalGeneration
 
     from cl_fed.models.hf import WhisperSpeech
 
-    config = WhisperConfig(
-        vocab_size=51865,
-        num_mel_bins=80,
-        max_source_positions=1500,
-        max_target_positions=448,
-        **WHISPER_SIZES[name],
-    )
+    sizes = {"vocab_size": 51865, "num_mel_bins": 80, **WHISPER_SIZES[name]}
+    config = WhisperConfig(max_source_positions=1500, max_target_positions=448, **sizes)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = WhisperForConditionalGeneration(config)

@@ -22,6 +22,10 @@ DEFAULTS: dict[str, object] = {
     "sites": 0,  # 0 = every site of the data; N = only its first N sites
     "model": "tiny-fastconformer-ctc",  # registry name, local model dir, or hub id (needs allow-download)
     "allow-download": False,
+    # Whisper only (cl_fed/models/hf.py; other models refuse other values than these defaults)
+    "language": "auto",  # a Whisper language code (labels and generate), or auto: each utterance's own
+    "task": "transcribe",  # transcribe | translate
+    "whisper-window": 0.0,  # encoder window in seconds (0 = Whisper's 30 s); shorter: faster, see README
     "bad-rows": "raise",  # manifest rows with missing/corrupt/empty/too long audio or bad text: raise | skip
     "max-seconds": 30.0,  # longest clip a manifest may hold (0 = no limit)
     "strategy": "centralization",  # centralization | fedavg | fedavg-lora | local
@@ -120,6 +124,9 @@ class RunConfig:
     sites: int
     model: str
     allow_download: bool
+    language: str
+    task: str
+    whisper_window: float
     bad_rows: str
     max_seconds: float
     strategy: str
@@ -245,6 +252,12 @@ def make_config(overrides: dict | None = None, *, source: str = "run config") ->
         raise ValueError(f"{source}: sites={cfg.sites!r} must be >= 1 (or 0 for every site of the data)")
     if not DEVICE_PATTERN.fullmatch(cfg.device):
         raise ValueError(f"{source}: device={cfg.device!r}; choose auto, cpu, cuda, cuda:N or mps")
+    if cfg.task not in ("transcribe", "translate"):
+        raise ValueError(f"{source}: task={cfg.task!r}; choose transcribe or translate")
+    if not 0.0 <= cfg.whisper_window <= 30.0:
+        raise ValueError(
+            f"{source}: whisper-window={cfg.whisper_window!r} is seconds in (0, 30], or 0 for 30"
+        )
     if cfg.precision not in PRECISIONS:
         raise ValueError(f"{source}: precision={cfg.precision!r}; choose one of {', '.join(PRECISIONS)}")
     for key in ("rounds-per-stage", "local-epochs", "batch-size", "grad-accumulation"):

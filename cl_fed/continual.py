@@ -9,13 +9,14 @@ identity:  state_checksum(state)       which base a site holds
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from pathlib import Path
 
 import torch
 
 from cl_fed.adapters import LoraSpec, adapter_state, fresh_factors, load_adapter_state, load_base_state
-from cl_fed.config import RunConfig
+from cl_fed.config import DEFAULTS, RunConfig
 from cl_fed.data.scenario import Scenario, load_scenario
 from cl_fed.data.stream import StageStream
 from cl_fed.data.synth import generate
@@ -42,9 +43,19 @@ def prepare_data(cfg: RunConfig, progress: bool = True) -> tuple[Scenario | None
             print(f"[cl-fed] {stream.load_summary.format()}", flush=True)
         return None, first_sites(stream, cfg.sites)
     scenario = load_scenario(cfg.scenario)
+    folder = generate(scenario, progress=progress)
+    manifest = (folder / "manifest.jsonl").stat()
     return scenario, first_sites(
-        StageStream.from_dataset_dir(generate(scenario, progress=progress)), cfg.sites
+        _generated_stream(str(folder), manifest.st_mtime_ns, manifest.st_size), cfg.sites
     )
+
+
+@functools.lru_cache(maxsize=4)
+def _generated_stream(folder: str, mtime_ns: int, size: int) -> StageStream:
+    """A generated dataset's stream, read once per process: a ClientApp serves a message per round,
+    and reading the manifest checks every clip's audio header (~2.5 s for the default scenario).
+    Keyed by the manifest's mtime and size, so a regenerated dataset is read again."""
+    return StageStream.from_dataset_dir(folder)
 
 
 def first_sites(stream: StageStream, count: int) -> StageStream:
@@ -70,8 +81,28 @@ def starting_model(cfg: RunConfig, scenario: Scenario | None, progress: bool = T
             )
         from cl_fed.models.foundation import foundation_base
 
-        return load_model(foundation_base(scenario, progress=progress))
-    return build_model(cfg.model, allow_download=cfg.allow_download, seed=cfg.seed)
+        return with_model_options(cfg, load_model(foundation_base(scenario, progress=progress)))
+    return with_model_options(cfg, build_model(cfg.model, allow_download=cfg.allow_download, seed=cfg.seed))
+
+
+def with_model_options(cfg: RunConfig, speech: SpeechModel) -> SpeechModel:
+    """The run's Whisper keys (language, task, whisper-window) applied; other models refuse them.
+    Every site and the server build their model through here, so all hold the same shapes."""
+    if speech.family != "whisper":
+        changed = {k: v for k, v in (("language", cfg.language), ("task", cfg.task)) if v != DEFAULTS[k]}
+        if cfg.whisper_window:
+            changed["whisper-window"] = cfg.whisper_window
+        if changed:
+            keys = ", ".join(f"{k}={v!r}" for k, v in changed.items())
+            raise ValueError(f"{keys}: Whisper keys, but model={cfg.model!r} is a {speech.family} model")
+        return speech
+    try:
+        speech.set_language(cfg.language, cfg.task)
+        if cfg.whisper_window:
+            speech.set_window(cfg.whisper_window)
+    except ValueError as error:
+        raise ValueError(f"model={cfg.model!r}: {error}") from None
+    return speech
 
 
 def on_device(cfg: RunConfig, speech: SpeechModel, training: bool = False) -> SpeechModel:

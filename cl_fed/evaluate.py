@@ -21,7 +21,10 @@ def transcribe(
     hypotheses: list[str] = [""] * len(utterances)
     for start in range(0, len(order), batch_size):
         indices = order[start : start + batch_size]
-        texts = speech.transcribe(speech.collate([features[i] for i in indices]))
+        batch = speech.collate(
+            [features[i] for i in indices], languages=[utterances[i].language for i in indices]
+        )
+        texts = speech.transcribe(batch)
         for i, text in zip(indices, texts):
             hypotheses[i] = text
     return hypotheses

@@ -327,6 +327,7 @@ def train_local(
                         [utterances[i].text for i in indices],
                         augment=config.spec_augment,
                         generator=generator,
+                        languages=[utterances[i].language for i in indices],
                     )
                     with autocast:
                         loss = speech.loss(batch)

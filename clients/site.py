@@ -21,7 +21,7 @@ import torch
 
 from cl_fed.adapters import adapter_shapes, attach_lora
 from cl_fed.config import RunConfig
-from cl_fed.continual import lora_spec, on_device, prepare_data, state_checksum
+from cl_fed.continual import lora_spec, on_device, prepare_data, state_checksum, with_model_options
 from cl_fed.data.stream import StageStream
 from cl_fed.io import atomic_save_tensors, atomic_write_text, load_tensors, read_tensors_meta
 from cl_fed.models.base import SpeechModel
@@ -154,7 +154,7 @@ def load_site(cfg: RunConfig, node_config: dict, run_key: str, run_id: int) -> S
         raise ValueError(f"node-config data={node_config['data']!r}: {error}") from error
     name = site_name(node_config, stream)
     # the architecture only: the weights come from the server (full sync) or from disk
-    speech = build_model(cfg.model, allow_download=cfg.allow_download, seed=cfg.seed)
+    speech = with_model_options(cfg, build_model(cfg.model, allow_download=cfg.allow_download, seed=cfg.seed))
     if cfg.strategy in LORA_STRATEGIES:
         speech.model = attach_lora(speech.model, lora_spec(cfg, speech), seed=cfg.seed)
     on_device(cfg, speech, training=True)  # the GPU Ray assigned to this ClientApp, if any

@@ -165,6 +165,9 @@ LATER_KEYS = {
     "trim-fraction": 0.2,
     "grad-accumulation": 1,
     "precision": "auto",  # fp32 on the CPUs the committed rows ran on
+    "language": "auto",  # Whisper keys: the tiny CTC model ignores them
+    "task": "transcribe",
+    "whisper-window": 0.0,
 }
 
 
@@ -264,19 +267,32 @@ def paired_differences(records: list[dict], config: str, reference: str, metric:
 CENTRALIZATION = re.compile(
     r"^centralization-every-[^-]+-(?:product|factors)(?P<extras>.*?)(?P<single>-single-all)?$"
 )
+FEDAVG = re.compile(r"^fedavg(?P<extras>(?!-lora).*?)(?P<single>-single-all)?$")
+LEARNING_RATES = re.compile(r"-(?:full-)?lr\d[0-9.]*(?:e[+-]?\d+)?(?=-|$)")
 
 
 def comparison_pairs(configs: list[str]) -> list[tuple[str, str]]:
     """Each centralization configuration against FedAvg of the same mode and extra settings
     (`centralization-every-3-product-rounds-per-stage1` against `fedavg-rounds-per-stage1`,
     single-site against `fedavg-single-all`); DP rows answer another question and are left out."""
+
+    # each strategy's own learning rate (lr: LoRA, full-lr: FedAvg) is part of its recipe, not an
+    # extra setting: `...-lr0.001` pairs with `fedavg-full-lr0.0001` under otherwise equal settings
+    def settings(extras: str) -> str:
+        return LEARNING_RATES.sub("", extras)
+
+    fedavg = {}
+    for config in configs:
+        found = FEDAVG.match(config)
+        if found:
+            fedavg.setdefault((settings(found["extras"]), found["single"]), config)
     pairs = []
     for config in configs:
         found = CENTRALIZATION.match(config)
         if not found or "dp-noise" in config:
             continue
-        reference = f"fedavg{found['extras']}{found['single'] or ''}"
-        if reference in configs:
+        reference = fedavg.get((settings(found["extras"]), found["single"]))
+        if reference is not None:
             pairs.append((config, reference))
     return pairs
 

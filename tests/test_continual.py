@@ -53,3 +53,18 @@ def test_checksum_sees_every_byte_and_name():
         {"w": torch.tensor([0.0, 0.0, 1e-30]), "n": torch.tensor(5)}
     )
     assert state_checksum(state) != state_checksum({"v": torch.zeros(3), "n": torch.tensor(5)})
+
+
+def test_whisper_keys_on_another_model_are_an_error_naming_them():
+    from cl_fed.continual import with_model_options
+    from cl_fed.models.tiny import build_tiny
+
+    tiny = build_tiny(seed=0)
+    assert with_model_options(make_config(), tiny) is tiny  # the defaults pass
+    for key, value in (("language", "de"), ("task", "translate"), ("whisper-window", 8.0)):
+        with pytest.raises(ValueError, match=rf"{key}=.*Whisper keys.*ctc model"):
+            with_model_options(make_config({key: value}), tiny)
+    with pytest.raises(ValueError, match="whisper-window=40"):
+        make_config({"whisper-window": 40})
+    with pytest.raises(ValueError, match="task='summarise'"):
+        make_config({"task": "summarise"})

@@ -374,6 +374,67 @@ def test_whisper_learns_a_transcript_that_generate_reproduces(tmp_path):
     assert evaluate(reloaded, utterances)["wer"] == 0.0
 
 
+def test_whisper_language_auto_prompts_each_utterance_in_its_own_language(tmp_path):
+    make_whisper(tmp_path / "wh")
+    speech = build_model(tmp_path / "wh")  # language=None: each utterance's own
+    tok = speech.tokenizer
+    batch = speech.batch(waves(1.0, 0.5), ["hallo", "hola"], languages=["de", "es-en"])
+    assert batch["languages"] == ["de", "es"]  # code-switched de-en / es-en prompt their first language
+    assert batch["labels"][0][:2].tolist() == tok.convert_tokens_to_ids(["<|de|>", "<|transcribe|>"])
+    assert batch["labels"][1][0].item() == tok.convert_tokens_to_ids("<|es|>")
+    with pytest.raises(ValueError, match="language=auto.*language column"):
+        speech.batch(waves(1.0), ["hallo"], languages=[""])
+    speech.set_language("german", "translate")  # a fixed language wins over the data's
+    labels = speech.batch(waves(1.0), ["hallo"], languages=["es"])["labels"][0][:2].tolist()
+    assert labels == tok.convert_tokens_to_ids(["<|de|>", "<|translate|>"])
+    with pytest.raises(ValueError, match="klingon"):
+        speech.set_language("klingon")
+    with pytest.raises(ValueError, match="task='summarise'"):
+        speech.set_language("de", "summarise")
+
+
+def test_whisper_auto_language_reaches_generate(tmp_path):
+    """One clip, two transcripts told apart only by the language token: training labels and the
+    generate prompt both carry each utterance's language, so each decodes to its own text."""
+    make_whisper(tmp_path / "wh")
+    speech = build_model(tmp_path / "wh")
+    speech.max_new_tokens = 12
+    path = tmp_path / "a.wav"
+    sf.write(path, waves(1.0)[0].numpy(), SR)
+    utterances = [
+        Utterance(id="de", audio=str(path), text="hallo", language="de"),
+        Utterance(id="es", audio=str(path), text="hola", language="es"),
+    ]
+    config = TrainConfig(
+        max_steps=60, batch_size=2, lr=5e-3, schedule="constant", spec_augment=False, progress=False
+    )
+    train_local(speech, utterances, config)
+    hypotheses = [p["hypothesis"] for p in evaluate(speech, utterances)["predictions"]]
+    assert hypotheses == ["hallo", "hola"]
+
+
+def test_whisper_window_cut_for_short_clips(tmp_path):
+    make_whisper(tmp_path / "wh")
+    speech = build_model(tmp_path / "wh", language="de")
+    full = unwrap(speech.model).model.encoder.embed_positions.weight.detach().clone()
+    speech.set_window(2.0)
+    encoder = unwrap(speech.model).model.encoder
+    assert speech.window_seconds == 2.0 and unwrap(speech.model).config.max_source_positions == 100
+    assert torch.equal(encoder.embed_positions.weight, full[:100])  # positions cut, not re-learnt
+    assert not encoder.embed_positions.weight.requires_grad
+    batch = speech.batch(waves(1.0, 1.5), ["hallo", "ja"])
+    assert batch["input_features"].shape[-1] == 200  # 2 s of 10 ms frames, not 30 s
+    assert torch.isfinite(speech.loss(batch)) and len(speech.transcribe(batch)) == 2
+    with pytest.raises(ValueError, match="2.50 s clip does not fit.*2 s window"):
+        speech.batch(waves(2.5), ["hallo"])
+    with pytest.raises(ValueError, match="whisper-window=3"):
+        speech.set_window(3.0)  # longer than the (already cut) window
+    speech.save(tmp_path / "saved")
+    reloaded = load_model(tmp_path / "saved")
+    assert reloaded.window_seconds == 2.0
+    assert reloaded.batch(waves(1.0))["input_features"].shape[-1] == 200
+
+
 # ---- registry -----------------------------------------------------------------------------------
 
 

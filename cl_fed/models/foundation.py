@@ -87,6 +87,8 @@ def foundation_scenario(scenario: Scenario) -> Scenario:
 
 def foundation_key(scenario: Scenario, train_config: TrainConfig, seed: int | None = None) -> str:
     config = {k: v for k, v in dataclasses.asdict(train_config).items() if k != "progress"}
+    if config["accumulate"] == 1:  # added after the committed bases; 1 computes what they were made with
+        del config["accumulate"]
     payload = {
         "version": FOUNDATION_VERSION,
         "dataset": foundation_scenario(scenario).fingerprint(),

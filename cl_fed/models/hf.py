@@ -2,8 +2,9 @@
 
 - `HFCTCModel`: any `AutoModelForCTC` (wav2vec2, HuBERT, WavLM, Parakeet CTC) with its processor;
   greedy CTC decoding through the tokenizer (which groups repeats and drops the blank/pad token).
-- `WhisperSpeech`: `WhisperForConditionalGeneration` with its processor; `generate` with a fixed
-  language and task; labels carry the same prefix tokens generation forces.
+- `WhisperSpeech`: `WhisperForConditionalGeneration` with its processor. The language is fixed or
+  taken per utterance from the data's `language` field; labels carry the same prefix tokens
+  (language, task, no timestamps) that `generate` is given. Optionally a shorter encoder window.
 
 Features cached by training are the raw waves: the processors pad and normalise per batch.
 """
@@ -17,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from transformers import AutoModelForCTC, AutoProcessor, WhisperForConditionalGeneration, WhisperProcessor
+from transformers.models.whisper.tokenization_whisper import LANGUAGES, TO_LANGUAGE_CODE
 
 from cl_fed.data.features import spec_augment
 from cl_fed.models.base import SpeechModel, pad_labels, unwrap
@@ -28,6 +30,7 @@ CTC_LORA_TARGETS = {
 }
 DEFAULT_CTC_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")  # wav2vec2 / HuBERT / WavLM
 SPEC_AUGMENT = dict(freq_masks=2, freq_width=15, time_masks=2, time_width_ratio=0.05)
+WHISPER_TASKS = ("transcribe", "translate")
 
 
 def _waves_as_numpy(features: list[torch.Tensor]) -> list[np.ndarray]:
@@ -61,7 +64,7 @@ class HFCTCModel(SpeechModel):
     def features(self, wave: torch.Tensor) -> torch.Tensor:
         return wave.to(torch.float32)
 
-    def collate(self, features, texts=None, augment=False, generator=None) -> dict:
+    def collate(self, features, texts=None, augment=False, generator=None, languages=None) -> dict:
         # Models fed raw waves (wav2vec2 family) apply their own SpecAugment in train mode
         # (config.apply_spec_augment); models fed filterbanks get ours when `augment`.
         inputs = self.feature_extractor(
@@ -113,6 +116,18 @@ class HFCTCModel(SpeechModel):
 
 
 class WhisperSpeech(SpeechModel):
+    """Whisper with its processor.
+
+    language: a Whisper language code or name ("de", "german"), or None for each utterance's own
+        `language` field ("de-en", code-switched, is prompted as its first language, "de"). It
+        sets the label prefix and is given to `generate`, so training and decoding agree. English-
+        only checkpoints (".en") take neither a language nor a task token.
+    task: "transcribe" or "translate" (the labels are the data's texts either way).
+    window: the encoder's input in seconds (Whisper: 30). A shorter window (`set_window`) cuts the
+        positional embeddings and the padding, so a 5 s clip costs ~1/6 of the encoder's compute;
+        the pretrained model never saw a short window, so accuracy drops until it is fine-tuned.
+    """
+
     family = "whisper"
     lora_targets = ("q_proj", "v_proj")  # the paper's code
     lora_rank = 32
@@ -133,43 +148,121 @@ class WhisperSpeech(SpeechModel):
         self.feature_extractor = processor.feature_extractor
         self.tokenizer = processor.tokenizer
         self.name = name
-        self.language = language
-        self.task = task
         self.max_new_tokens = max_new_tokens
         self.sample_rate = int(self.feature_extractor.sampling_rate)
         self.feature_key = f"wave:{self.sample_rate}"
-        # English-only checkpoints (".en") take neither a language nor a task token.
         self.multilingual = bool(getattr(model.generation_config, "is_multilingual", False))
-        if self.multilingual:
-            self.tokenizer.set_prefix_tokens(language=language, task=task, predict_timestamps=False)
-        else:
-            self.tokenizer.set_prefix_tokens(predict_timestamps=False)
+        self.set_language(language, task)
+        positions = int(model.config.max_source_positions)
+        if positions * 2 != self.feature_extractor.nb_max_frames:  # a saved shortened model
+            self._pad_features_to(positions * 2)
 
+    # ---- language, task, window -----------------------------------------------------------------
+    def set_language(self, language: str | None, task: str = "transcribe") -> None:
+        """Fix the language (a code or name) or, with None / "auto", take each utterance's."""
+        if task not in WHISPER_TASKS:
+            raise ValueError(f"task={task!r}; choose one of {', '.join(WHISPER_TASKS)}")
+        code = None if language in (None, "", "auto") else self._language_code(language, "language")
+        if not self.multilingual and (code not in (None, "en") or task != "transcribe"):
+            raise ValueError(
+                f"language={language!r}, task={task!r}: {self.name or 'this Whisper model'} is English-"
+                "only (a .en checkpoint); use language=auto or en and task=transcribe"
+            )
+        self.language, self.task = code, task
+
+    def set_window(self, seconds: float) -> None:
+        """Cut the encoder window to `seconds` (rounded up to 20 ms; at most 30 s)."""
+        hop = self.feature_extractor.hop_length
+        frames = 2 * math.ceil(seconds * self.sample_rate / hop / 2)
+        full = 2 * int(unwrap(self.model).config.max_source_positions)  # the model's window, in frames
+        if not 0 < seconds or frames > full:
+            raise ValueError(
+                f"whisper-window={seconds!r} s: choose 0 < seconds <= {full * hop / self.sample_rate:g}"
+            )
+        inner = unwrap(self.model)
+        encoder = inner.model.encoder
+        weight = encoder.embed_positions.weight.detach()[: frames // 2].clone()
+        encoder.embed_positions = torch.nn.Embedding.from_pretrained(weight, freeze=True).to(weight.device)
+        for config in {id(inner.config): inner.config, id(encoder.config): encoder.config}.values():
+            config.max_source_positions = frames // 2
+        encoder.max_source_positions = frames // 2
+        self._pad_features_to(frames)
+
+    @property
+    def window_seconds(self) -> float:
+        return self.feature_extractor.n_samples / self.sample_rate
+
+    def _pad_features_to(self, frames: int) -> None:
+        self.feature_extractor.nb_max_frames = frames
+        self.feature_extractor.n_samples = frames * self.feature_extractor.hop_length
+
+    def _language_code(self, language: str, what: str) -> str:
+        code = TO_LANGUAGE_CODE.get(language.lower(), language.lower())
+        if code not in LANGUAGES:
+            raise ValueError(f"{what}={language!r} is not a Whisper language (e.g. en, de, es, fr, german)")
+        return code
+
+    def _languages(self, languages: list[str] | None, count: int) -> list[str | None]:
+        """The language each row is prompted with (None rows: English-only models)."""
+        if not self.multilingual:
+            return [None] * count
+        if self.language is not None:
+            return [self.language] * count
+        if languages is None or len(languages) != count or not all(languages):
+            raise ValueError(
+                "language=auto takes each utterance's language, but some utterances have none; "
+                "give the data a language field (manifests: a language column) or set language=<code>"
+            )
+        return [self._language_code(lang.split("-")[0], "utterance language") for lang in languages]
+
+    def _prefix(self, language: str | None) -> list[int]:
+        """<|startoftranscript|> [<|lang|> <|task|>] <|notimestamps|>: what generate forces."""
+        tokens = ["<|startoftranscript|>"]
+        if self.multilingual:
+            tokens += [f"<|{language}|>", f"<|{self.task}|>"]
+        return self.tokenizer.convert_tokens_to_ids(tokens + ["<|notimestamps|>"])
+
+    # ---- SpeechModel ----------------------------------------------------------------------------
     def features(self, wave: torch.Tensor) -> torch.Tensor:
         return wave.to(torch.float32)
 
-    def collate(self, features, texts=None, augment=False, generator=None) -> dict:
+    def collate(self, features, texts=None, augment=False, generator=None, languages=None) -> dict:
         waves = _waves_as_numpy(features)
+        longest = max((len(w) for w in waves), default=0) / self.sample_rate
+        if longest > self.window_seconds + 1e-6:
+            raise ValueError(
+                f"a {longest:.2f} s clip does not fit Whisper's {self.window_seconds:g} s window; "
+                "raise whisper-window (0 = 30 s) or cut the clip (max-seconds)"
+            )
         inputs = self.feature_extractor(waves, sampling_rate=self.sample_rate, return_tensors="pt")
-        input_features = inputs["input_features"]  # (batch, n_mels, 3000): always padded to 30 s
+        input_features = inputs["input_features"]  # (batch, n_mels, window frames): padded to the window
         if augment:
             hop = self.feature_extractor.hop_length
             frames = torch.tensor([min(input_features.shape[-1], math.ceil(len(w) / hop)) for w in waves])
             mask = torch.arange(input_features.shape[-1])[None, :] < frames[:, None]
             input_features = _augment_rows(input_features.transpose(1, 2), mask, generator).transpose(1, 2)
+        rows = self._languages(languages, len(waves))
         batch = {"input_features": input_features}
+        if self.multilingual:
+            batch["languages"] = rows
         if texts is not None:
-            ids = self.tokenizer(list(texts))["input_ids"]
-            start = unwrap(self.model).config.decoder_start_token_id
-            # The model prepends decoder_start_token_id itself when shifting labels right.
-            ids = [seq[1:] if seq and seq[0] == start else seq for seq in ids]
+            text_ids = self.tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+            eot = self.tokenizer.convert_tokens_to_ids("<|endoftext|>")
+            # The model prepends decoder_start_token_id (<|startoftranscript|>) when shifting labels right.
+            ids = [self._prefix(lang)[1:] + seq + [eot] for lang, seq in zip(rows, text_ids)]
             batch["labels"] = pad_labels(ids)
         return batch
+
+    def loss(self, batch: dict) -> torch.Tensor:
+        return super().loss({k: v for k, v in batch.items() if k != "languages"})
 
     @torch.no_grad()
     def transcribe(self, batch: dict) -> list[str]:
         batch = self._on_device(batch)
-        kwargs = {"language": self.language, "task": self.task} if self.multilingual else {}
+        kwargs = {}
+        if self.multilingual:
+            rows = batch.get("languages") or self._languages(None, batch["input_features"].shape[0])
+            kwargs = {"language": rows[0] if len(set(rows)) == 1 else list(rows), "task": self.task}
         if self.max_new_tokens is not None:
             kwargs["max_new_tokens"] = self.max_new_tokens
         was_training = self.model.training

@@ -72,7 +72,7 @@ class TinyFastConformer(SpeechModel):
     def features(self, wave: torch.Tensor) -> torch.Tensor:
         return self.log_mel(wave)
 
-    def collate(self, features, texts=None, augment=False, generator=None) -> dict:
+    def collate(self, features, texts=None, augment=False, generator=None, languages=None) -> dict:
         if augment:
             features = [spec_augment(f, generator, **SPEC_AUGMENT) for f in features]
         lengths = [f.shape[0] for f in features]
