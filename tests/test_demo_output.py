@@ -58,7 +58,7 @@ class _Speech:
     def __init__(self):
         self.model = torch.nn.Linear(2, 1)
 
-    def collate(self, features, texts, augment=False, generator=None):
+    def collate(self, features, texts, augment=False, generator=None, languages=None):
         return torch.stack(features)
 
     def loss(self, batch):
