@@ -11,6 +11,7 @@ Features cached by training are the raw waves: the processors pad and normalise 
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from pathlib import Path
@@ -31,6 +32,20 @@ CTC_LORA_TARGETS = {
 DEFAULT_CTC_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")  # wav2vec2 / HuBERT / WavLM
 SPEC_AUGMENT = dict(freq_masks=2, freq_width=15, time_masks=2, time_width_ratio=0.05)
 WHISPER_TASKS = ("transcribe", "translate")
+
+
+class _WhisperGenerateNoise(logging.Filter):
+    """Drops two warnings transformers' Whisper `generate` raises about itself: it passes its own
+    suppress tokens next to its generation_config, and its decoder prompt (same length for every row,
+    no padding) is all the "attention mask" warning is about. Every evaluation would print both."""
+
+    NOISE = ("Passing `generation_config` together with generation-related", "The attention mask is not set")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.NOISE)
+
+
+logging.getLogger("transformers.generation.utils").addFilter(_WhisperGenerateNoise())
 
 
 def _waves_as_numpy(features: list[torch.Tensor]) -> list[np.ndarray]:
