@@ -76,6 +76,16 @@ DEFAULTS: dict[str, object] = {
     # tiny scenario 0.10..0.14)
     "dp-clip": 2.0,
     "dp-delta": 1e-5,  # the delta at which epsilon is reported
+    # merge gates (cl_fed/gate.py): score a scheduled merge on validation data before it is committed
+    "merge-gate": "none",  # none (merge as scheduled) | validate (merge only what helps)
+    "gate-sites": "none",  # none | alone: also score each site's update alone, aggregate those that pass
+    "gate-min-gain": 0.0,  # the current stage's validation WER must fall by at least this (points)
+    "gate-max-regression": 1.0,  # no earlier stage's validation WER may rise by more (points)
+    "gate-fallback": "skip",  # skip (a failed merge is dropped) | shrink (retried once at half weight)
+    # share of each site's stage rows held out as validation (merge-gate=validate only; never trained on)
+    "validation-share": 0.1,
+    # a drill (cl_fed/faults.py): "shuffle-transcripts:<site>" gives that site mislabelled training data
+    "drill": "",
 }
 
 
@@ -100,6 +110,17 @@ LR_SPANS = ("stage", "round")
 SERVER_OPTIMIZERS = ("none", "fedadam", "fedyogi", "fedadagrad")
 AGGREGATIONS = ("mean", "median", "trimmed-mean")  # cl_fed/robust.py
 SCHEDULED_STRATEGIES = ("centralization", "local")
+MERGE_GATES = ("none", "validate")
+GATE_SITES = ("none", "alone")
+GATE_FALLBACKS = ("skip", "shrink")
+GATE_KEYS = (
+    "merge-gate",
+    "gate-sites",
+    "gate-min-gain",
+    "gate-max-regression",
+    "gate-fallback",
+    "validation-share",
+)
 NAMED_ELSEWHERE = ("scenario", "strategy", "merge", "centralize-every", "seed")
 # do not change what is computed (device: up to the hardware's rounding)
 NOT_IN_NAME = (
@@ -168,6 +189,13 @@ class RunConfig:
     dp_noise: float
     dp_clip: float
     dp_delta: float
+    merge_gate: str
+    gate_sites: str
+    gate_min_gain: float
+    gate_max_regression: float
+    gate_fallback: str
+    validation_share: float
+    drill: str
 
     def schedule(self, num_stages: int) -> Schedule:
         return parse_schedule(self.centralize_every, num_stages)
@@ -196,6 +224,8 @@ class RunConfig:
         ignored = IGNORED_BY[self.strategy] + (() if self.dp_noise else ("dp-clip", "dp-delta"))  # DP off
         if self.server_optimizer == "none":
             ignored += ("server-lr",)
+        if self.merge_gate == "none" or self.strategy != "centralization":
+            ignored += GATE_KEYS
         if self.aggregation != "trimmed-mean":
             ignored += ("trim-fraction",)
         if self.aggregation != "mean" or self.weighting == "uniform":
@@ -315,6 +345,7 @@ def make_config(overrides: dict | None = None, *, source: str = "run config") ->
     if not 0.0 < cfg.fraction_train <= 1.0:
         raise ValueError(f"{source}: fraction-train={cfg.fraction_train!r} must be in (0, 1]")
     check_privacy(cfg, source)
+    check_gate(cfg, source)
     every = str(cfg.centralize_every).strip().lower()
     if every not in ("round", "stage"):  # the divisibility check needs the scenario: done in schedule()
         parse_schedule(every, num_stages=max(1, int(every)) if every.isdigit() else 1)
@@ -354,3 +385,50 @@ def check_privacy(cfg: RunConfig, source: str) -> None:
             "calibrated to a mean in which each site weighs 1/n (example counts are private and "
             "would set the sensitivity); use weighting='uniform'"
         )
+
+
+def check_gate(cfg: RunConfig, source: str) -> None:
+    """The merge-gate keys (cl_fed/gate.py) and the drill (cl_fed/faults.py)."""
+    for key, allowed in (
+        ("merge-gate", MERGE_GATES),
+        ("gate-sites", GATE_SITES),
+        ("gate-fallback", GATE_FALLBACKS),
+    ):
+        value = getattr(cfg, key.replace("-", "_"))
+        if value not in allowed:
+            raise ValueError(f"{source}: {key}={value!r}; choose one of {', '.join(allowed)}")
+    if not 0.0 < cfg.validation_share < 0.5:
+        raise ValueError(
+            f"{source}: validation-share={cfg.validation_share!r} is the share of each site's stage rows "
+            "held out for the gate, in (0, 0.5)"
+        )
+    if not cfg.gate_max_regression >= 0:
+        raise ValueError(
+            f"{source}: gate-max-regression={cfg.gate_max_regression!r} must be >= 0 (WER points)"
+        )
+    if cfg.gate_min_gain != cfg.gate_min_gain:
+        raise ValueError(f"{source}: gate-min-gain={cfg.gate_min_gain!r} is not a number")
+    if cfg.merge_gate != "none" and cfg.strategy != "centralization":
+        raise ValueError(
+            f"{source}: merge-gate={cfg.merge_gate!r} gates the server's scheduled merges; "
+            f"strategy={cfg.strategy!r} has none (a local site merges on its own): use centralization"
+        )
+    if cfg.merge_gate == "none" and cfg.gate_sites != "none":
+        raise ValueError(f"{source}: gate-sites={cfg.gate_sites!r} needs merge-gate='validate'")
+    if cfg.gate_sites != "none" and cfg.evaluation == "federated":
+        raise ValueError(
+            f"{source}: gate-sites={cfg.gate_sites!r} with evaluation='federated': scoring one site's "
+            "update at the other sites would send them that site's own update; use evaluation='server'"
+        )
+    if cfg.gate_sites != "none" and cfg.dp_noise:
+        raise ValueError(
+            f"{source}: gate-sites={cfg.gate_sites!r} with dp-noise: scoring each site's own update "
+            "looks at what DP hides; use one of them"
+        )
+    if cfg.drill:
+        from cl_fed.faults import parse_drill
+
+        try:
+            parse_drill(cfg.drill)
+        except ValueError as error:
+            raise ValueError(f"{source}: {error}") from None

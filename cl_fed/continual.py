@@ -18,7 +18,7 @@ import torch
 from cl_fed.adapters import LoraSpec, adapter_state, fresh_factors, load_adapter_state, load_base_state
 from cl_fed.config import DEFAULTS, RunConfig
 from cl_fed.data.scenario import Scenario, load_scenario
-from cl_fed.data.stream import StageStream
+from cl_fed.data.stream import StageStream, validation_split
 from cl_fed.data.synth import generate
 from cl_fed.data.utterance import Utterance
 from cl_fed.devices import amp_mode, enable_gradient_checkpointing, resolve_device
@@ -199,6 +199,30 @@ def state_checksum(state: dict[str, torch.Tensor]) -> str:
     return digest.hexdigest()
 
 
+def training_rows(cfg: RunConfig, rows: list[Utterance]) -> list[Utterance]:
+    """A site's rows of a stage that it trains on: all of them, or with a merge gate all but its
+    validation share (cl_fed.data.stream.validation_split), which is never trained on."""
+    return validation_split(rows, cfg.validation_share)[0] if cfg.merge_gate != "none" else rows
+
+
+def validation_scorer(speech: SpeechModel, stream: StageStream, cfg: RunConfig):
+    """A merge gate's Score (cl_fed.gate) on server-held validation rows: every site's validation
+    share of each stage. The score of a base is kept by its checksum (a base is judged as the
+    "before" of several decisions)."""
+    sets = {stage: stream.validation(stage, cfg.validation_share) for stage in stream.stages}
+    seen: dict[tuple[str, str], float] = {}
+
+    def score(weights: dict[str, torch.Tensor], stages: list[str]) -> dict[str, float]:
+        key = state_checksum(weights)
+        todo = {s: sets[s] for s in stages if (key, s) not in seen}
+        if todo:
+            for stage, value in evaluate_weights(speech, weights, todo, "gate").wer.items():
+                seen[(key, stage)] = value
+        return {s: seen[(key, s)] for s in stages}
+
+    return score
+
+
 def test_sets(stream: StageStream) -> dict[str, list[Utterance]]:
     """Every stage's shared test set, plus the foundation domain's when there is one."""
     sets = {stage: stream.test(stage) for stage in stream.stages}
@@ -227,3 +251,42 @@ def evaluate_all(speech: SpeechModel, sets: dict[str, list[Utterance]], label: s
             predictions += [{"test_set": name, **p} for p in scored["predictions"]]
     speech.model.train(was_training)
     return Evaluation(label=label, wer=wers, cer=cers, predictions=predictions)
+
+
+def merge_recorder(cfg: RunConfig, stages: list[str], scale: float, record, history, score=None, say=print):
+    """The runner's `merged` and `gate` callbacks for cl_fed.loop.walk: every committed merge becomes
+    a step of the merge history (cl_fed.history), and with merge-gate=validate every committing
+    merge is first judged (cl_fed.gate) on `score`, its decision recorded in results.json and printed."""
+    from cl_fed.gate import gate_line, gate_merge
+    from cl_fed.history import contributions
+
+    decided: list[dict | None] = [None]
+
+    def gate(step, state) -> float:
+        decision = gate_merge(cfg, state, step, stages, scale, score)
+        decision["server_round"] = record.rounds[-1]["server_round"]
+        record.gate.append(decision)
+        say(gate_line(decision))
+        if decision["weight"] == 0:
+            history.skipped(decision)
+        decided[0] = decision
+        return decision["weight"]
+
+    def merged(step, before: dict, state) -> None:
+        record.rounds[-1]["merged"], record.rounds[-1]["pooled"] = step.commit, True
+        if not step.commit:
+            return
+        server_round = record.rounds[-1]["server_round"]
+        decision, decided[0] = decided[0], None
+        meta = {
+            "stage": step.stage,
+            "stage_name": stages[step.stage],
+            "round": step.round,
+            "server_round": server_round,
+            "contributions": contributions(record.rounds, history.boundary()),
+            "weight": decision["weight"] if decision else 1.0,
+            "gate": decision,
+        }
+        history.record(before, state.base, (state_checksum(before), state_checksum(state.base)), meta)
+
+    return (gate if cfg.merge_gate != "none" else None), merged

@@ -39,19 +39,30 @@ def walk(
     train: Callable[[Train], dict | None],
     evaluate: Callable[[Evaluate], None],
     checkpoint: Callable[[Checkpoint, int], None] = lambda step, next_index: None,
-    merged: Callable[[Merge], None] = lambda step: None,
+    merged: Callable[[Merge, dict], None] = lambda step, before: None,
+    gate: Callable[[Merge, ContinualState], float] | None = None,
     start: int = 0,
 ) -> None:
     """Run plan[start:]. `train` returns the round's aggregate (None: no usable update);
-    `checkpoint` gets the index to resume at; `merged` is told of every Merge applied."""
+    `checkpoint` gets the index to resume at; `merged` is told of every Merge applied, with the base
+    before it; `gate` (a merge gate, cl_fed/gate.py) says at which weight a committing Merge is made
+    (0: it is skipped, what it would have merged dropped)."""
     aggregated = None
     for index in range(start, len(plan)):
         step = plan[index]
         if isinstance(step, Train):
             aggregated = train(step)
+        elif isinstance(step, Merge) and step.commit and gate is not None and state.adapter is not None:
+            before, weight = state.base, gate(step, state)
+            if weight > 0:
+                state.merge(scale, mode, commit=True, weight=weight)
+                merged(step, before)
+            else:
+                state.discard()
         elif isinstance(step, (Aggregate, Merge)):
+            before = state.base
             if apply_step(state, step, aggregated, scale, mode) and isinstance(step, Merge):
-                merged(step)
+                merged(step, before)
         elif isinstance(step, Evaluate):
             evaluate(step)
         elif isinstance(step, Checkpoint):

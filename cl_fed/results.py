@@ -74,6 +74,7 @@ class RunRecord:
     # single-task fine-tuning (FWT against single-task models instead of the initial base)
     joint_wer: Sequence[float] | Mapping[str, float] | None = None
     single_task_wer: Sequence[float] | Mapping[str, float] | None = None
+    gate: list[dict] = field(default_factory=list)  # merge-gate decisions (cl_fed.gate), in order
 
     def matrix(self, kind: str) -> list[list[float]]:
         return [[getattr(e, kind)[s] for s in self.stages] for e in self.after_stage]
@@ -157,6 +158,7 @@ class RunRecord:
             "wall_seconds": round(self.wall_seconds, 3),
             "base_checksum": self.base_checksum,
             **({"privacy": self.privacy} if self.privacy else {}),
+            **({"gate": self.gate} if self.gate else {}),
         }
 
     def write(self, run_dir: str | Path) -> Path:

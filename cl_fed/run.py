@@ -23,6 +23,7 @@ from cl_fed.config import DEFAULTS, RunConfig, make_config
 from cl_fed.continual import (
     evaluate_weights,
     lora_spec,
+    merge_recorder,
     on_device,
     prepare_data,
     start_adapter,
@@ -30,11 +31,14 @@ from cl_fed.continual import (
     state_checksum,
     test_sets,
     train_round,
+    training_rows,
+    validation_scorer,
 )
+from cl_fed.history import MergeHistory
 from cl_fed.loop import walk
 from cl_fed.models.base import SpeechModel
 from cl_fed.paths import runs_root
-from cl_fed.plan import Evaluate, Merge, Train, continual_plan, round_seed, rule_for
+from cl_fed.plan import Evaluate, Train, continual_plan, round_seed, rule_for
 from cl_fed.results import RunRecord, wer_line
 from cl_fed.state import ContinualState
 
@@ -49,6 +53,13 @@ def run_single_site(cfg: RunConfig, site: str = "all", progress: bool = True) ->
             f"takes {', '.join(SINGLE_SITE_STRATEGIES)}"
         )
     refuse_privacy(cfg)
+    if cfg.gate_sites != "none":
+        raise ValueError(
+            f"gate-sites={cfg.gate_sites!r} scores each site's update alone; the single-site runner "
+            "trains one (use flwr run, or merge-gate alone)"
+        )
+    if cfg.drill:
+        raise ValueError(f"drill={cfg.drill!r} makes one site of a federation faulty; use flwr run")
     if cfg.server_optimizer != "none":
         raise ValueError(
             f"server-optimizer={cfg.server_optimizer!r} is a federated server's optimiser; "
@@ -89,10 +100,17 @@ def run_single_site(cfg: RunConfig, site: str = "all", progress: bool = True) ->
     record.initial = evaluate_weights(evaluator, state.evaluated(scale), sets, "initial")
     _say(progress, wer_line("starting base", record.initial.wer))
     views = {s: stream.site(s) for s in sites}
+    history = MergeHistory(run_dir)
+    history.start(state_checksum(state.base))
+    history.evaluated("initial", record.initial.wer)
+    score = validation_scorer(evaluator, stream, cfg) if cfg.merge_gate != "none" else None
+    gate, on_merge = merge_recorder(
+        cfg, stages, scale, record, history, score, lambda text: _say(progress, text)
+    )
 
     def train(step: Train) -> dict:
         state.log.clear()  # no site to send the operations to
-        data = [u for s in sites for u in views[s].enter(step.stage)]
+        data = [u for s in sites for u in training_rows(cfg, views[s].enter(step.stage))]
         if not data:
             raise ValueError(f"stage {stages[step.stage]!r} has no training data for site(s) {sites}")
         adapter = start_adapter(step, state.adapter, shapes)
@@ -109,11 +127,8 @@ def run_single_site(cfg: RunConfig, site: str = "all", progress: bool = True) ->
     def evaluate(step: Evaluate) -> None:
         record.after_stage.append(evaluate_weights(evaluator, state.evaluated(scale), sets, step.label))
         row = record.after_stage[-1].wer
+        history.evaluated(step.label, row)
         _say(progress, wer_line(f"after {step.label}", row))
-
-    def merged(step: Merge) -> None:
-        record.rounds[-1]["merged"] = step.commit
-        record.rounds[-1]["pooled"] = True
 
     walk(
         continual_plan(cfg, stages),
@@ -122,7 +137,8 @@ def run_single_site(cfg: RunConfig, site: str = "all", progress: bool = True) ->
         mode=cfg.merge,
         train=train,
         evaluate=evaluate,
-        merged=merged,
+        merged=lambda step, before: on_merge(step, before, state),
+        gate=gate,
     )
     record.wall_seconds = time.perf_counter() - start
     record.base_checksum = state_checksum(state.base)

@@ -70,13 +70,18 @@ class ContinualState:
         self._change_weights(fold_ops(self.weights, residual))
         self.adapter = {k: v.detach().to(torch.float32).clone() for k, v in factors.items()}  # as trained
 
-    def merge(self, scale: float, mode: str, commit: bool) -> None:
-        """A Merge step: the current update becomes a chunk of the pool; `commit` merges the pool."""
+    def merge(self, scale: float, mode: str, commit: bool, weight: float = 1.0) -> None:
+        """A Merge step: the current update becomes a chunk of the pool; `commit` merges the pool,
+        at `weight` x its average (a merge gate's shrunk retry; 1 = as scheduled)."""
         if mode not in MODES:
             raise ValueError(f"merge mode {mode!r}; choose one of {', '.join(MODES)}")
         if self.adapter is None:
             raise ValueError("merge: no adapter to merge (no round was aggregated since the last merge)")
-        if commit and not self.pool:  # merge the adapter into the weights it was trained on: rank r
+        if not commit and weight != 1.0:
+            raise ValueError("merge: only a committing merge takes a weight")
+        if (
+            commit and not self.pool and weight == 1.0
+        ):  # the adapter into the weights it was trained on: rank r
             ops = {}
             for path, (a, b) in lora_pairs(self.adapter).items():
                 weight = self.weights[base_key(path)]
@@ -94,10 +99,30 @@ class ContinualState:
             chunk = {f"factors/{k}": v.clone() for k, v in self.adapter.items()}
         self.pool.append(chunk)
         if commit:
-            self.base = fold(self.base, self.pool_update(scale))
+            update = self.pool_update(scale)
+            self.base = fold(
+                self.base, {k: v.mul_(weight) for k, v in update.items()} if weight != 1 else update
+            )
             self.pool = []
         self._reset_weights_to_base()
         self.adapter = None
+
+    def discard(self) -> None:
+        """Drop what a committing merge would have merged (a merge gate's refusal): the pool and the
+        current adapter; the sites train on the committed base again."""
+        self.pool, self.adapter = [], None
+        self._reset_weights_to_base()
+
+    def copy(self) -> ContinualState:
+        """An independent state (operations never modify tensors in place, so they are shared)."""
+        adapter = dict(self.adapter) if self.adapter is not None else None
+        return ContinualState(dict(self.base), dict(self.weights), adapter, [dict(c) for c in self.pool])
+
+    def candidate(self, scale: float, mode: str, weight: float = 1.0) -> dict[str, torch.Tensor]:
+        """The base a committing merge at `weight` would make, this state left as it is."""
+        trial = self.copy()
+        trial.merge(scale, mode, commit=True, weight=weight)
+        return trial.base
 
     # ---- derived ------------------------------------------------------------------------------
     def update(self, scale: float) -> dict[str, torch.Tensor]:

@@ -22,9 +22,10 @@ from cl_fed import protocol as P
 from cl_fed import updates
 from cl_fed.aggregation import aggregate
 from cl_fed.config import make_config
-from cl_fed.continual import start_adapter, train_round
+from cl_fed.continual import start_adapter, train_round, training_rows
 from cl_fed.evaluate import transcribe
-from cl_fed.faults import InjectedCrash, client_fault
+from cl_fed.faults import InjectedCrash, client_fault, faulty_rows
+from cl_fed.gate import VALIDATION
 from cl_fed.loop import apply_step
 from cl_fed.metrics import error_counts
 from cl_fed.plan import Aggregate, continual_plan, steps_after
@@ -101,7 +102,8 @@ def train(msg: Message, context: Context) -> Message:
     step = P.train_step(conf)
     if not _own_state(site):
         sync_weights(site, msg)
-    data = site.stream.site(site.name).enter(step.stage)
+    data = training_rows(site.cfg, site.stream.site(site.name).enter(step.stage))
+    data = faulty_rows(site.name, step.server_round, data, site.cfg.drill, step.seed)  # drills only
     if not data:
         raise ValueError(f"site {site.name} has no training data in stage {step.stage}")
     if site.cfg.strategy == "local" and site.position >= step.server_round:
@@ -201,7 +203,11 @@ def evaluate(msg: Message, context: Context) -> Message:
     speech.model.eval()
     with torch.no_grad():
         for test_set in [str(s) for s in conf[P.TEST_SETS]]:
-            utterances = site.stream.test(test_set, site=site.name)
+            if test_set.startswith(VALIDATION):  # a merge gate's: the site's own validation rows
+                stage = test_set[len(VALIDATION) :]
+                utterances = site.stream.validation(stage, site.cfg.validation_share, site=site.name)
+            else:
+                utterances = site.stream.test(test_set, site=site.name)
             if not utterances:
                 continue
             refs, hyps = [u.text for u in utterances], transcribe(speech, utterances)

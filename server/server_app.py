@@ -21,25 +21,29 @@ from flwr.serverapp import Grid, ServerApp
 
 from cl_fed import protocol as P
 from cl_fed.adapters import adapter_shapes, attach_lora
-from cl_fed.aggregation import start_arrays
+from cl_fed.aggregation import fold, start_arrays
 from cl_fed.config import RunConfig, make_config
 from cl_fed.continual import (
     evaluate_weights,
     lora_spec,
+    merge_recorder,
     on_device,
     prepare_data,
     start_adapter,
     starting_model,
     state_checksum,
     test_sets,
+    validation_scorer,
 )
 from cl_fed.faults import InjectedCrash, stop_after_round
+from cl_fed.gate import gate_sites, validation_name
+from cl_fed.history import MergeHistory
 from cl_fed.loop import walk
 from cl_fed.paths import runs_root
 from cl_fed.plan import Evaluate, Merge, Train, continual_plan, rule_for
 from cl_fed.privacy import new_secret, privacy_report
 from cl_fed.results import Evaluation, RunRecord, wer_line
-from cl_fed.state import ContinualState
+from cl_fed.state import ContinualState, adapter_update
 from server.checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint
 from server.strategies import WeightsSync, build_strategy, last_line, load_optimizer_state, optimizer_state
 
@@ -118,6 +122,8 @@ def run_server(grid: Grid, run_config: dict) -> Path:
     sync = WeightsSync(state.weights)
     rule = rule_for(cfg)
     strategy.bind(cfg, shapes, scale, rule, sync, secret=secret)
+    history = MergeHistory(run_dir)
+    history.start(state_checksum(base), resume=next_step > 0)
 
     def evaluate(label: str) -> Evaluation:
         weights = state.evaluated(scale)
@@ -127,13 +133,49 @@ def run_server(grid: Grid, run_config: dict) -> Path:
             return federated_evaluation(grid, strategy, label, stages, weights, cfg)
         return evaluate_weights(speech, weights, sets, label)
 
+    def federated_score(weights: dict, names: list[str]) -> dict[str, float]:
+        """The gate's validation WER, scored by the sites on their own validation rows: counts only."""
+        sync.update(state.weights, state.log)
+        state.log.clear()
+        wer = federated_evaluation(
+            grid, strategy, "gate", [validation_name(n) for n in names], weights, cfg
+        ).wer
+        return {n: wer[validation_name(n)] for n in names}
+
+    score = None
+    if cfg.merge_gate != "none":
+        score = federated_score if cfg.evaluation == "federated" else validation_scorer(speech, stream, cfg)
+    gate, on_merge = merge_recorder(
+        cfg, stages, scale, record, history, score, lambda t: print(t, flush=True)
+    )
+    current: list[Train] = []  # the round being trained (the site gate judges its stage)
+
+    def site_gate(updates: dict[str, dict]) -> dict[str, dict]:
+        """gate-sites=alone: each site's model (the weights it trained on plus its own adapter) judged
+        against the committed base on the server's validation rows."""
+        models = {site: fold(state.weights, adapter_update(u, scale)) for site, u in updates.items()}
+        verdicts = gate_sites(cfg, state.base, models, current[-1].stage, stages, score)
+        for site, verdict in verdicts.items():
+            if not verdict["passed"]:
+                print(
+                    f"[cl-fed] site gate: {site} left out of round {current[-1].server_round} "
+                    f"({verdict['reason']})",
+                    flush=True,
+                )
+        return verdicts
+
+    if cfg.gate_sites != "none":
+        strategy.site_gate = site_gate
+
     if record.initial is None:
         print(f"[cl-fed] {run_name}: evaluating the starting base", flush=True)
         record.initial = evaluate("initial")
+        history.evaluated("initial", record.initial.wer)
         print(wer_line("starting base", record.initial.wer), flush=True)
 
     def train(step: Train) -> dict | None:
         tick = time.perf_counter()
+        current.append(step)
         sync.update(state.weights, state.log)
         state.log.clear()
         adapter = start_adapter(step, state.adapter, shapes) if strategy.lora else None
@@ -167,14 +209,15 @@ def run_server(grid: Grid, run_config: dict) -> Path:
         )
         return aggregated.to_torch_state_dict() if aggregated is not None else None
 
-    def merged(step: Merge) -> None:
-        record.rounds[-1]["merged"], record.rounds[-1]["pooled"] = step.commit, True
+    def merged(step: Merge, before: dict) -> None:
+        on_merge(step, before, state)
         if step.commit:
             print(f"[cl-fed] stage {step.stage + 1} round {step.round + 1}: merged into the base", flush=True)
 
     def after_stage(step: Evaluate) -> None:
         record.after_stage.append(evaluate(step.label))
         wers = record.after_stage[-1].wer
+        history.evaluated(step.label, wers)
         print(wer_line(f"after {step.label}", wers), flush=True)
 
     def save(step, index: int) -> None:
@@ -190,6 +233,7 @@ def run_server(grid: Grid, run_config: dict) -> Path:
         evaluate=after_stage,
         checkpoint=save,
         merged=merged,
+        gate=gate,
         start=next_step,
     )
     record.wall_seconds += time.perf_counter() - start

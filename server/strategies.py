@@ -94,6 +94,7 @@ class ContinualStrategy(FedAvg):
 
     lora = True
     sends_adapter = True  # the adapter sites continue from comes from the server
+    site_gate = None  # gate-sites: {site: update} -> {site: {"passed", "reason", ...}} (the ServerApp's)
 
     def bind(
         self, cfg: RunConfig, reference: dict, scale: float, rule: str, sync: WeightsSync, secret: str = ""
@@ -254,6 +255,12 @@ class ContinualStrategy(FedAvg):
                     f"update norm {norm:.6g} > update-norm-ratio {ratio:g} x the round's median {median:.6g}",
                 )
             candidates = kept
+        if self.site_gate is not None and candidates:  # merge only the good ones (cl_fed/gate.py)
+            verdicts = self.site_gate({c[1]: c[2] for c in candidates})
+            self.round_log["gate_sites"] = verdicts
+            for node, site, *_ in (c for c in candidates if not verdicts[c[1]]["passed"]):
+                reject(node, site, f"merge gate: {verdicts[site]['reason']}")
+            candidates = [c for c in candidates if verdicts[c[1]]["passed"]]
         used = [c[1] for c in candidates]
         updates = [c[2] for c in candidates]
         examples = [c[3] for c in candidates]

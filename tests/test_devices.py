@@ -20,7 +20,7 @@ from cl_fed.train import FeatureCache, TrainConfig, steps_per_call, train_local
 @pytest.fixture(scope="module")
 def utterances():
     rows, _ = load_manifest(generate("tiny", progress=False) / "manifest.jsonl")
-    return [u for u in rows if u.stage == "foundation" and u.split == "train"][:8]
+    return [u for u in rows if u.stage != "foundation" and u.split == "train"][:8]
 
 
 def test_devices_resolve_or_are_refused_naming_the_key():

@@ -8,8 +8,13 @@ stages' rows, and refuses to go back. Test sets of every stage stay available th
 Rows of the stage named `foundation` are pre-training data: kept out of the stream and reachable
 through `StageStream.foundation(split)`. A site with no rows in some stage trains on nothing there
 (`enter` returns []); every site must have train rows in at least one stage, every stage test rows.
+
+Validation rows (merge gates, cl_fed/gate.py) are the one exception to "no old data": a small share of
+each site's rows of every stage, `validation_split`, held out of its training and never trained on,
+kept to score merges on; `StageStream.validation` serves them for any stage.
 """
 
+import hashlib
 import json
 from collections.abc import Iterable
 from pathlib import Path
@@ -54,6 +59,15 @@ class SiteStream:
             self._train.pop(stage, None)  # released: a site never gets old stage data back
         self.current = stage_index
         return list(self._train[self.stages[stage_index]])
+
+
+def validation_split(rows: list[Utterance], share: float) -> tuple[list[Utterance], list[Utterance]]:
+    """(train rows, validation rows) of one site's stage: the `share` of the rows whose ids hash lowest
+    (at least one of two or more rows), so server and site carve the same rows, whatever their order."""
+    count = max(1, round(share * len(rows))) if len(rows) >= 2 else 0
+    ranked = sorted(rows, key=lambda u: hashlib.sha256(u.id.encode("utf-8")).hexdigest())
+    held = {u.id for u in ranked[:count]}
+    return [u for u in rows if u.id not in held], [u for u in rows if u.id in held]
 
 
 class StageStream:
@@ -162,6 +176,12 @@ class StageStream:
         """Test rows of one stage: all of them (site=None), or only those tagged with `site`."""
         rows = self._test[self._stage_name(stage)]
         return list(rows) if site is None else [u for u in rows if u.site == site]
+
+    def validation(self, stage: str | int, share: float, site: str | None = None) -> list[Utterance]:
+        """Validation rows of one stage (validation_split of each site's rows): every site's, or one's."""
+        name = self._stage_name(stage)
+        sites = self.sites if site is None else [self._site_name(site)]
+        return [u for s in sites for u in validation_split(self._train[(s, name)], share)[1]]
 
     def num_train(self, site: str, stage: str | int) -> int:
         return len(self._train[(self._site_name(site), self._stage_name(stage))])

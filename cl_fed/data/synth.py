@@ -91,7 +91,13 @@ def _jobs(scenario: Scenario) -> list[_Job]:
         )
 
     foundation = scenario.foundation
-    for split, count in (("train", foundation.train_utterances), ("test", foundation.test_utterances)):
+    # a scenario's dataset holds its foundation's test rows (the base-domain column); the train rows
+    # only pre-train the base, from the foundation's own dataset (cl_fed.models.foundation), so they
+    # are generated only there: a scenario with stages then renders no pre-training speech
+    splits = [("test", foundation.test_utterances)]
+    if not scenario.stages:
+        splits.insert(0, ("train", foundation.train_utterances))
+    for split, count in splits:
         for i in range(count):
             add(FOUNDATION, "", split, i, foundation.conditions, foundation.data_seed(scenario.seed))
     for stage in scenario.stages:
