@@ -80,7 +80,7 @@ DEFAULTS: dict[str, object] = {
     "merge-gate": "none",  # none (merge as scheduled) | validate (merge only what helps)
     "gate-sites": "none",  # none | alone: also score each site's update alone, aggregate those that pass
     "gate-min-gain": 0.0,  # the current stage's validation WER must fall by at least this (points)
-    "gate-max-regression": 1.0,  # no earlier stage's validation WER may rise by more (points)
+    "gate-max-regression": 5.0,  # no earlier stage's validation WER may rise by more (points)
     "gate-fallback": "skip",  # skip (a failed merge is dropped) | shrink (retried once at half weight)
     # share of each site's stage rows held out as validation (merge-gate=validate only; never trained on)
     "validation-share": 0.1,

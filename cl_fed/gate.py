@@ -9,9 +9,10 @@ a `validation-share` of each site's rows of every stage, held out of training), 
 passes it if the current stage's validation WER falls by at least `gate-min-gain` points and no
 earlier stage's rises by more than `gate-max-regression`. A failed merge is skipped (the pool and
 adapter are dropped, the sites train on the committed base again) or, with `gate-fallback=shrink`,
-tried once more at half weight. `gate-sites=alone` also judges each site's update alone (its model
-against the committed base: it must do no harm) before a round is aggregated, so that one faulty
-site does not spoil the merge: the sites that fail are left out of that round, with the numbers.
+tried once more at half weight. `gate-sites=alone` also judges each site's update alone before a
+round is aggregated (`judge_site`: its model must not be worse than the base on its stage, nor far
+worse than the other sites' on any), so that one faulty site does not spoil the merge: the sites
+that fail are left out of that round, with the numbers.
 
 Every decision is a plain dict, recorded in results.json (`gate`) and printed.
 """
@@ -19,6 +20,7 @@ Every decision is a plain dict, recorded in results.json (`gate`) and printed.
 from __future__ import annotations
 
 import math
+import statistics
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -106,22 +108,53 @@ def gate_merge(cfg: RunConfig, state, step, stages: list[str], scale: float, sco
     }
 
 
+def judge_site(
+    before: dict[str, float], after: dict[str, float], peers: dict[str, float], current: str, tolerance: float
+) -> Verdict:
+    """One site's model (`after`) against the committed base (`before`) and the median of all the
+    sites' models (`peers`): it must not be worse than the base on the stage it trained on, nor an
+    outlier among its peers on any stage, by more than `tolerance` points. (Every site's model alone
+    forgets earlier stages somewhat; the one that is far worse than the others is what is wrong.)"""
+    gain = before[current] - after[current]
+    rises = {s: after[s] - peers[s] for s in after}
+    worst = max([0.0, *rises.values()])
+    if not math.isfinite(gain):
+        return Verdict(False, f"{current}: no validation WER to judge by", gain, worst)
+    if -gain > tolerance:
+        return Verdict(
+            False,
+            f"{current} validation WER {before[current]:.1f} -> {after[current]:.1f} alone: worse than "
+            f"the base by {-gain:.1f} > gate-max-regression {tolerance:g}",
+            gain,
+            worst,
+        )
+    for stage, rise in rises.items():
+        if rise > tolerance:
+            return Verdict(
+                False,
+                f"{stage} validation WER {after[stage]:.1f} alone, the sites' median {peers[stage]:.1f}: "
+                f"{rise:+.1f} > gate-max-regression {tolerance:g}",
+                gain,
+                worst,
+            )
+    return Verdict(
+        True, f"{current} validation WER {before[current]:.1f} -> {after[current]:.1f} alone", gain, worst
+    )
+
+
 def gate_sites(
     cfg: RunConfig, base: dict, candidates: dict[str, dict], stage: int, stages: list[str], score: Score
 ) -> dict[str, dict]:
-    """`gate-sites=alone`: each site's model (`candidates`: site -> its weights) against the committed
-    `base`; returns site -> {"passed", "reason", "validation_wer"}. A site's update alone must do no
-    harm: no stage's validation WER, the current one's included, may rise by more than
-    gate-max-regression. (It need not gain on its own: sites see different shifts of a stage, and
-    the merge gate judges their aggregate's gain.)"""
-    current, earlier = stages[stage], list(stages[:stage])
-    names = [current, *earlier]
+    """`gate-sites=alone`: each site's model (`candidates`: site -> its weights) judged by `judge_site`
+    against the committed `base` and the other sites' models; site -> {"passed", "reason",
+    "validation_wer"}."""
+    names = [stages[stage], *stages[:stage]]
     before = score(base, names)
+    scores = {site: score(weights, names) for site, weights in candidates.items()}
+    peers = {n: statistics.median(s[n] for s in scores.values()) for n in names}
     out = {}
-    tolerance = cfg.gate_max_regression
-    for site, weights in candidates.items():
-        after = score(weights, names)
-        verdict = judge(before, after, current, earlier, -tolerance, tolerance)
+    for site, after in scores.items():
+        verdict = judge_site(before, after, peers, stages[stage], cfg.gate_max_regression)
         out[site] = {"passed": verdict.passed, "reason": verdict.reason, "validation_wer": after}
     return out
 

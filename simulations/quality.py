@@ -70,7 +70,17 @@ ROWS = [
 # differential privacy (site-level DP-FedAvg) at two noise levels; the no-DP reference is row 3
 DP = {"strategy": "centralization", "centralize-every": "stage", "merge": "factors", "weighting": "uniform"}
 DP_ROWS = [("federated", {**DP, "dp-noise": 0.3}), ("federated", {**DP, "dp-noise": 1.0})]
-ALL_ROWS = ROWS + DP_ROWS
+# merge gates (cl_fed/gate.py): the gate (with its site gate) on clean data and with one faulty site
+# (shuffled transcripts, cl_fed/faults.py); the reference without a gate is row 2 and the GATE_ROWS' second
+GATE = {"strategy": "centralization", "centralize-every": "stage"}
+FAULTY = {"drill": "shuffle-transcripts:factory-b"}
+GATED = {"merge-gate": "validate", "gate-sites": "alone"}
+GATE_ROWS = [
+    ("federated", {**GATE, **GATED}),
+    ("federated", {**GATE, **FAULTY}),
+    ("federated", {**GATE, **FAULTY, **GATED}),
+]
+ALL_ROWS = ROWS + DP_ROWS + GATE_ROWS
 # the rows that answer the paper's question, for a second scenario's generalisation check
 MAIN = ("centralization-every-stage-product", "fedavg", "fedavg-lora", "joint")
 
@@ -119,7 +129,9 @@ def row_config(mode: str, overrides: dict, scenario: str) -> str:
     return config_name(run_dir(cfg, mode).name, scenario)
 
 
-def select_rows(scenario: str, only=None, names=None, main=False, with_dp=False) -> list[tuple[str, dict]]:
+def select_rows(
+    scenario: str, only=None, names=None, main=False, with_dp=False, with_gates=False
+) -> list[tuple[str, dict]]:
     """The rows to run: by 1-based number in ALL_ROWS (`only`), by configuration name (`names`,
     or MAIN with `main`), else ROWS (and DP_ROWS with `with_dp`)."""
     if only:
@@ -130,7 +142,7 @@ def select_rows(scenario: str, only=None, names=None, main=False, with_dp=False)
     if main:
         names = MAIN
     if not names:
-        return ROWS + (DP_ROWS if with_dp else [])
+        return ROWS + (DP_ROWS if with_dp else []) + (GATE_ROWS if with_gates else [])
     by_name = {row_config(mode, overrides, scenario): (mode, overrides) for mode, overrides in ALL_ROWS}
     unknown = [n for n in names if n not in by_name]
     if unknown:
@@ -168,6 +180,13 @@ LATER_KEYS = {
     "language": "auto",  # Whisper keys: the tiny CTC model ignores them
     "task": "transcribe",
     "whisper-window": 0.0,
+    "merge-gate": "none",  # issue 14's gates and drills: off, today's behaviour
+    "gate-sites": "none",
+    "gate-min-gain": 0.0,
+    "gate-max-regression": 5.0,
+    "gate-fallback": "skip",
+    "validation-share": 0.1,
+    "drill": "",
 }
 
 
@@ -271,6 +290,11 @@ FEDAVG = re.compile(r"^fedavg(?P<extras>(?!-lora).*?)(?P<single>-single-all)?$")
 LEARNING_RATES = re.compile(r"-(?:full-)?lr\d[0-9.]*(?:e[+-]?\d+)?(?=-|$)")
 
 
+GATE_PARTS = re.compile(
+    r"-(merge-gate|gate-sites|gate-min-gain|gate-max-regression|gate-fallback|validation-share)[^-]+"
+)
+
+
 def comparison_pairs(configs: list[str]) -> list[tuple[str, str]]:
     """Each centralization configuration against FedAvg of the same mode and extra settings
     (`centralization-every-3-product-rounds-per-stage1` against `fedavg-rounds-per-stage1`,
@@ -290,6 +314,11 @@ def comparison_pairs(configs: list[str]) -> list[tuple[str, str]]:
     for config in configs:
         found = CENTRALIZATION.match(config)
         if not found or "dp-noise" in config:
+            continue
+        if GATE_PARTS.search(config):  # a gated run against the same run without its gate
+            ungated = GATE_PARTS.sub("", config)
+            if ungated in configs:
+                pairs.append((config, ungated))
             continue
         reference = fedavg.get((settings(found["extras"]), found["single"]))
         if reference is not None:
@@ -313,7 +342,9 @@ def paired_comparisons(records: list[dict]) -> list[dict]:
                     "seeds": [s for s, _ in diffs],
                     "differences": [d for _, d in diffs],
                     **stats,
-                    "verdict": verdict(title, better, stats),
+                    "verdict": verdict(
+                        title, better, stats, "the gate" if GATE_PARTS.search(config) else "centralization"
+                    ),
                 }
             )
     return out
@@ -698,6 +729,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     select.add_argument("--main", action="store_true", help=f"only the main rows: {', '.join(MAIN)}")
     parser.add_argument("--with-dp", action="store_true", help="also the two differential-privacy rows")
     parser.add_argument(
+        "--with-gates", action="store_true", help="also the merge-gate rows (clean and with a faulty site)"
+    )
+    parser.add_argument(
         "--set",
         action="append",
         default=[],
@@ -724,12 +758,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.list:
         for number, (mode, overrides) in enumerate(ALL_ROWS, 1):
             extra = " (--with-dp)" if (mode, overrides) in DP_ROWS else ""
+            extra = " (--with-gates)" if (mode, overrides) in GATE_ROWS else extra
             print(f"{number:2d}  {row_config(mode, overrides, args.scenario)}{extra}")
         return 0
     only = [int(i) for i in args.only.split(",")] if args.only else None
     names = [n.strip() for n in args.rows.split(",") if n.strip()] if args.rows else None
     try:
-        rows = select_rows(args.scenario, only, names, args.main, args.with_dp)
+        rows = select_rows(args.scenario, only, names, args.main, args.with_dp, args.with_gates)
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -14,7 +14,7 @@ from cl_fed.continual import state_checksum
 from cl_fed.data.stream import validation_split
 from cl_fed.data.utterance import Utterance
 from cl_fed.faults import faulty_rows, parse_drill, shuffle_transcripts
-from cl_fed.gate import gate_merge, judge
+from cl_fed.gate import gate_merge, judge, judge_site
 from cl_fed.history import MergeHistory, change, contributions, undo
 from cl_fed.state import ContinualState
 
@@ -36,6 +36,18 @@ def test_judge_passes_a_gain_and_refuses_too_little_gain_or_a_regression():
     assert not forgets.passed and "s1 validation WER 20.0 -> 22.0: rises +2.0" in forgets.reason
     unscored = judge({"s1": float("nan")}, {"s1": 10.0}, "s1", [], 0.0, 1.0)
     assert not unscored.passed and "no validation WER" in unscored.reason
+
+
+def test_a_site_is_judged_against_the_base_and_its_peers():
+    before = {"s1": 40.0, "s0": 20.0}
+    peers = {"s1": 35.0, "s0": 30.0}  # every site's model alone forgets s0 (20 -> about 30)
+    assert judge_site(before, {"s1": 36.0, "s0": 31.0}, peers, "s1", tolerance=5.0).passed
+    broken = judge_site(before, {"s1": 100.0, "s0": 90.0}, peers, "s1", tolerance=5.0)
+    assert not broken.passed and "worse than the base by 60.0 > gate-max-regression 5" in broken.reason
+    outlier = judge_site(before, {"s1": 38.0, "s0": 45.0}, peers, "s1", tolerance=5.0)
+    assert (
+        not outlier.passed and "s0 validation WER 45.0 alone, the sites' median 30.0: +15.0" in outlier.reason
+    )
 
 
 def adapter_state(b_value: float) -> ContinualState:
