@@ -84,6 +84,8 @@ DEFAULTS: dict[str, object] = {
     "gate-fallback": "skip",  # skip (a failed merge is dropped) | shrink (retried once at half weight)
     # share of each site's stage rows held out as validation (merge-gate=validate only; never trained on)
     "validation-share": 0.1,
+    # with resume=true: roll the base back to this step of the run's merge history first (-1 = no)
+    "rollback-to": -1,
     # a drill (cl_fed/faults.py): "shuffle-transcripts:<site>" gives that site mislabelled training data
     "drill": "",
 }
@@ -131,6 +133,7 @@ NOT_IN_NAME = (
     "resume",
     "device",
     "gradient-checkpointing",
+    "rollback-to",  # an operator's action on a resumed run, recorded in its results and history
 )
 
 
@@ -195,6 +198,7 @@ class RunConfig:
     gate_max_regression: float
     gate_fallback: str
     validation_share: float
+    rollback_to: int
     drill: str
 
     def schedule(self, num_stages: int) -> Schedule:
@@ -424,6 +428,11 @@ def check_gate(cfg: RunConfig, source: str) -> None:
         raise ValueError(
             f"{source}: gate-sites={cfg.gate_sites!r} with dp-noise: scoring each site's own update "
             "looks at what DP hides; use one of them"
+        )
+    if cfg.rollback_to < -1 or (cfg.rollback_to >= 0 and not cfg.resume):
+        raise ValueError(
+            f"{source}: rollback-to={cfg.rollback_to!r} rolls a resumed run back to a step of its merge "
+            "history: give a step >= 0 with resume=true (or -1 for none)"
         )
     if cfg.drill:
         from cl_fed.faults import parse_drill

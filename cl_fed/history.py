@@ -107,7 +107,9 @@ class MergeHistory:
         """Append a committed merge (`meta`: stage, round, server_round, contributions, gate...);
         returns its step number. Steps of an interrupted attempt at or after this server round go."""
         data = self.load()
-        steps = [s for s in data["steps"] if s["step"] == 0 or s["server_round"] < meta["server_round"]]
+        steps = data["steps"]
+        if meta.get("kind", "merge") == "merge":
+            steps = [s for s in steps if s["step"] == 0 or s["server_round"] < meta["server_round"]]
         if steps[-1]["checksum_after"] != checksums[0]:
             raise ValueError(
                 f"{self.index}: the merge starts from base {checksums[0][:12]}, the history ends at "

@@ -75,6 +75,7 @@ class RunRecord:
     joint_wer: Sequence[float] | Mapping[str, float] | None = None
     single_task_wer: Sequence[float] | Mapping[str, float] | None = None
     gate: list[dict] = field(default_factory=list)  # merge-gate decisions (cl_fed.gate), in order
+    rollbacks: list[dict] = field(default_factory=list)  # rollback-to on resume (server/server_app.py)
 
     def matrix(self, kind: str) -> list[list[float]]:
         return [[getattr(e, kind)[s] for s in self.stages] for e in self.after_stage]
@@ -159,6 +160,7 @@ class RunRecord:
             "base_checksum": self.base_checksum,
             **({"privacy": self.privacy} if self.privacy else {}),
             **({"gate": self.gate} if self.gate else {}),
+            **({"rollbacks": self.rollbacks} if self.rollbacks else {}),
         }
 
     def write(self, run_dir: str | Path) -> Path:

@@ -107,6 +107,35 @@ class ContinualState:
         self._reset_weights_to_base()
         self.adapter = None
 
+    def roll_back(self, base: dict[str, torch.Tensor]) -> None:
+        """The base and weights become `base` (a merge history's earlier base), by operations the
+        sites replay: for each changed weight the low-rank factors of the difference where they land
+        on `base` bit for bit and are smaller, else the weight itself (cl_fed/updates.py)."""
+        if self.adapter is not None or self.pool:
+            raise ValueError("roll_back: an adapter or pool is pending; discard() it first")
+        ops = {}
+        for key, op in fold_ops(
+            self.weights,
+            {
+                k: base[k].to(torch.float64) - v.to(torch.float64)
+                for k, v in self.weights.items()
+                if v.is_floating_point() and not torch.equal(v, base[k])
+            },
+        ).items():
+            exact = op[0] == "lowrank" and torch.equal(
+                apply_ops({key: self.weights[key]}, {key: op})[key], base[key]
+            )
+            ops[key] = op if exact else ("set", base[key])
+        ops.update(
+            {
+                k: ("set", base[k])
+                for k, v in self.weights.items()
+                if not v.is_floating_point() and not torch.equal(v, base[k])
+            }
+        )
+        self._change_weights(ops)
+        self.base = dict(self.weights)
+
     def discard(self) -> None:
         """Drop what a committing merge would have merged (a merge gate's refusal): the pool and the
         current adapter; the sites train on the committed base again."""

@@ -13,6 +13,7 @@ from typing import NamedTuple
 
 import torch
 
+from cl_fed import updates
 from cl_fed.config import NOT_IN_NAME
 from cl_fed.io import atomic_save_tensors, load_tensors
 from cl_fed.results import Evaluation, RunRecord
@@ -28,11 +29,17 @@ def save_checkpoint(
     next_step: int,
     extra: dict[str, torch.Tensor] | None = None,
     secret: str = "",
+    sites_hold: str = "",
 ) -> None:
     """`next_step` = the index of the plan step to run next; `extra` = more tensors (optimiser);
-    `secret` = the server's DP noise secret ("" without DP)."""
+    `secret` = the server's DP noise secret ("" without DP); `sites_hold` = the checksum of the
+    weights the sites were last synced to, from which `state.log` (kept too) brings them to the
+    state's weights: a resumed run sends them those operations, not every weight."""
     tensors = {**state.to_tensors(), **{f"extra/{k}": v for k, v in (extra or {}).items()}}
+    tensors.update({f"log/{k}": v for k, v in updates.to_tensors(state.log).items()})
     meta = {"next_step": next_step, "has_adapter": state.adapter is not None, "record": asdict(record)}
+    if sites_hold:
+        meta["sites_hold"] = sites_hold
     if secret:
         meta["dp_secret"] = secret
     atomic_save_tensors(path, tensors, meta)
@@ -50,6 +57,7 @@ class Checkpoint(NamedTuple):
     next_step: int
     extra: dict  # more tensors (a server optimiser's moments)
     secret: str  # the DP noise secret ("" without DP)
+    sites_hold: str  # the weights the sites were last synced to ("" unknown); state.log leads from there
 
 
 def load_checkpoint(path: Path, fresh: ContinualState, config: dict) -> Checkpoint:
@@ -57,10 +65,12 @@ def load_checkpoint(path: Path, fresh: ContinualState, config: dict) -> Checkpoi
     that differ; keys that do not change results, cl_fed.config.NOT_IN_NAME, may differ)."""
     tensors, meta = load_tensors(path)
     extra = {k[len("extra/") :]: v for k, v in tensors.items() if k.startswith("extra/")}
+    log = updates.from_tensors({k[len("log/") :]: v for k, v in tensors.items() if k.startswith("log/")})
     state = ContinualState.from_tensors(
-        {k: v for k, v in tensors.items() if not k.startswith("extra/")},
+        {k: v for k, v in tensors.items() if not k.startswith(("extra/", "log/"))},
         has_adapter=bool(meta["has_adapter"]),
     )
+    state.log = log
     if set(state.base) != set(fresh.base):
         raise ValueError(
             f"{path}: the checkpoint's model does not match this run's model; "
@@ -83,4 +93,5 @@ def load_checkpoint(path: Path, fresh: ContinualState, config: dict) -> Checkpoi
             f"{path}: a DP run's checkpoint without the server's noise secret (made by an older "
             "cl-fed?): its noise could not be redrawn; use another run-name"
         )
-    return Checkpoint(state, RunRecord(**rec), int(meta["next_step"]), extra, secret)
+    sites_hold = str(meta.get("sites_hold", ""))
+    return Checkpoint(state, RunRecord(**rec), int(meta["next_step"]), extra, secret, sites_hold)

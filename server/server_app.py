@@ -111,15 +111,23 @@ def run_server(grid: Grid, run_config: dict) -> Path:
     next_step = 0
     checkpoint = run_dir / CHECKPOINT
     secret = new_secret() if cfg.dp_noise else ""  # the noise's secret: drawn here, kept in the checkpoint
+    sites_hold = ""
     if cfg.resume and checkpoint.is_file():
-        state, record, next_step, extra, secret = load_checkpoint(checkpoint, state, cfg.to_dict())
+        state, record, next_step, extra, secret, sites_hold = load_checkpoint(
+            checkpoint, state, cfg.to_dict()
+        )
         load_optimizer_state(strategy, extra)
-        print(f"[cl-fed] resuming {run_name} at plan step {next_step + 1}/{len(plan)}", flush=True)
+        where = f"at plan step {next_step + 1}/{len(plan)}" if next_step < len(plan) else "(its plan is done)"
+        print(f"[cl-fed] resuming {run_name} {where}", flush=True)
+    elif cfg.rollback_to >= 0:
+        raise ValueError(
+            f"rollback-to={cfg.rollback_to}: {checkpoint} is not there to roll back (resume=true)"
+        )
     elif secret:
         # before anything is released: a run that cannot keep its secret (and so resume with the same
         # noise) refuses to start
         save_checkpoint(checkpoint, state, record, next_step, optimizer_state(strategy), secret)
-    sync = WeightsSync(state.weights)
+    sync = WeightsSync(state.weights, sites_hold)
     rule = rule_for(cfg)
     strategy.bind(cfg, shapes, scale, rule, sync, secret=secret)
     history = MergeHistory(run_dir)
@@ -166,6 +174,12 @@ def run_server(grid: Grid, run_config: dict) -> Path:
 
     if cfg.gate_sites != "none":
         strategy.site_gate = site_gate
+
+    if cfg.rollback_to >= 0:  # the operator's rollback of a resumed run, broadcast to the sites
+        roll_back(cfg, state, record, history, strategy, grid, stages, next_step)
+        save_checkpoint(
+            checkpoint, state, record, next_step, optimizer_state(strategy), secret, sync.checksum
+        )
 
     if record.initial is None:
         print(f"[cl-fed] {run_name}: evaluating the starting base", flush=True)
@@ -221,7 +235,7 @@ def run_server(grid: Grid, run_config: dict) -> Path:
         print(wer_line(f"after {step.label}", wers), flush=True)
 
     def save(step, index: int) -> None:
-        save_checkpoint(checkpoint, state, record, index, optimizer_state(strategy), secret)
+        save_checkpoint(checkpoint, state, record, index, optimizer_state(strategy), secret, sync.checksum)
         crash_if_injected(record.rounds[-1]["server_round"] if record.rounds else 0)
 
     walk(
@@ -244,6 +258,43 @@ def run_server(grid: Grid, run_config: dict) -> Path:
     record.write(run_dir)
     print(f"[cl-fed] results: {(run_dir / 'results.json').resolve()}", flush=True)
     return run_dir
+
+
+def roll_back(cfg, state, record, history, strategy, grid, stages, next_step) -> None:
+    """`rollback-to=STEP` with `resume=true`: the base becomes the history's base after STEP (bit for
+    bit), recorded as a history step of its own, and the sites are brought to it at once by a
+    federated evaluation, whose messages carry only the operations that undo the later merges
+    (cl_fed.state.ContinualState.roll_back) rather than every weight; then the plan goes on."""
+    steps = history.load()["steps"]
+    if state.adapter is not None or state.pool:
+        print("[cl-fed] rollback: the adapter and pool in progress are dropped", flush=True)
+        state.discard()
+    before = state.base
+    target = history.base_at(cfg.rollback_to, state.base, state_checksum(state.base), state_checksum)
+    state.roll_back(target)
+    checksums = (state_checksum(before), state_checksum(state.base))
+    server_round = record.rounds[-1]["server_round"] if record.rounds else 0
+    meta = {"kind": "rollback", "to": cfg.rollback_to, "stage": None, "stage_name": None, "round": None}
+    number = history.record(before, state.base, checksums, {**meta, "server_round": server_round})
+    strategy.sync.update(state.weights, state.log)
+    state.log.clear()
+    evaluation = federated_evaluation(grid, strategy, f"rollback-{cfg.rollback_to}", stages, state.base, cfg)
+    history.evaluated(evaluation.label, evaluation.wer)
+    record.rollbacks.append(
+        {
+            "to": cfg.rollback_to,
+            "step": number,
+            "checksum": checksums[1],
+            "wer": evaluation.wer,
+            "plan_step": next_step,
+        }
+    )
+    print(
+        f"[cl-fed] rolled back to step {cfg.rollback_to} of {len(steps) - 1} (base {checksums[1][:12]}, as "
+        f"recorded: {checksums[1] == steps[cfg.rollback_to]['checksum_after']}); the sites hold it",
+        flush=True,
+    )
+    print(wer_line("after the rollback", evaluation.wer), flush=True)
 
 
 def privacy_now(cfg: RunConfig, rounds: list[dict]) -> dict:
@@ -293,7 +344,7 @@ def federated_evaluation(grid, strategy, label, stages, weights, cfg) -> Evaluat
                 print(
                     f"[cl-fed] evaluation failed on node {node}: {last_line(reply.error.reason)}", flush=True
                 )
-                strategy.sync.nodes.pop(node, None)  # next time: everything
+                strategy.sync.nodes[node] = ""  # next time: everything
                 failed.append(node)
                 continue
             # it synced to the current weights (a `local` site: it runs its own state from now on)

@@ -62,11 +62,15 @@ class WeightsSync:
     holds them), the operations the server applied since the version it holds (cl_fed/updates.py:
     low-rank factors of aggregates, or dense tensors), or everything."""
 
-    def __init__(self, weights: dict[str, torch.Tensor]) -> None:
-        self.weights, self.checksum = dict(weights), state_checksum(weights)
+    def __init__(self, weights: dict[str, torch.Tensor], sites_hold: str = "") -> None:
+        """`sites_hold`: what every node is presumed to hold until it says otherwise (a resumed run:
+        the weights the sites were last synced to, the server's pending operations lead on from
+        there); a node that turns out not to hold them is sent everything the next time."""
+        self.weights, self.checksum = dict(weights), sites_hold or state_checksum(weights)
         self.previous: str | None = None
         self.steps: list[dict[str, tuple]] = []  # the operations from `previous` to `checksum`
-        self.nodes: dict[int, str] = {}  # node -> checksum it last reported holding
+        self.assumed = sites_hold or None  # what a node not (yet) in `nodes` holds
+        self.nodes: dict[int, str] = {}  # node -> checksum it last reported holding ("": unknown)
 
     def update(self, weights: dict[str, torch.Tensor], steps: list[dict[str, tuple]]) -> None:
         """The weights now, and the operations applied to them since the last update."""
@@ -79,7 +83,7 @@ class WeightsSync:
     def records(self, node: int) -> tuple[dict, dict]:
         """(config fields, array records) that bring `node` to the current weights."""
         config = {P.WEIGHTS_CHECKSUM: self.checksum, P.SYNC: P.SYNC_NONE, P.SYNC_FROM: ""}
-        held = self.nodes.get(node)
+        held = self.nodes.get(node, self.assumed)
         if held == self.checksum:
             return config, {}
         if held is not None and held == self.previous:
@@ -201,13 +205,13 @@ class ContinualStrategy(FedAvg):
         holds: dict[str, str] = {}  # site -> checksum of the weights it reports holding
         for msg in errors:
             node = self.replying_node(msg)
-            self.sync.nodes.pop(node, None)  # unknown now: send everything next time
+            self.sync.nodes[node] = ""  # unknown now: send everything next time
             dropped.append({"node": node, "reason": f"client error: {last_line(msg.error.reason)}"})
         answered = {self.replying_node(m) for m in replies}
         skipped: dict[str, int] = {}  # site -> manifest rows it skipped (bad-rows=skip)
         for node in self.round_log.get("sent_to", []):
             if node not in answered:
-                self.sync.nodes.pop(node, None)
+                self.sync.nodes[node] = ""
                 dropped.append({"node": node, "reason": f"no reply within {self.cfg.round_timeout} s"})
 
         def reject(node, site, error) -> None:
@@ -223,7 +227,7 @@ class ContinualStrategy(FedAvg):
             try:
                 self.check_origin(node, site, about)
             except AdapterRejected as error:
-                self.sync.nodes.pop(node, None)
+                self.sync.nodes[node] = ""
                 reject(node, site, error)
                 continue
             self.sync.nodes[node] = holds[site] = str(about.get(P.WEIGHTS_CHECKSUM, ""))
@@ -370,7 +374,7 @@ class Local(ContinualStrategy):
     sends_adapter = False  # each site continues from its own
 
     def sync_records(self, node):
-        if node in self.sync.nodes:  # the site runs its own state now
+        if self.sync.nodes.get(node):  # the site runs its own state now
             return {P.WEIGHTS_CHECKSUM: "", P.SYNC: P.SYNC_NONE, P.SYNC_FROM: ""}, {}
         return super().sync_records(node)
 

@@ -37,7 +37,9 @@ def steps_table(history: dict) -> str:
         wer = (step.get("evaluation") or {}).get("wer", {})
         cells = [
             str(step["step"]),
-            step.get("stage_name") or "(start)",
+            f"(rollback to {step['to']})"
+            if step.get("kind") == "rollback"
+            else step.get("stage_name") or "(start)",
             "" if step["round"] is None else str(step["round"] + 1),
             ", ".join(sites),
             "" if step["step"] == 0 else f"{step.get('weight', 1.0):g}",

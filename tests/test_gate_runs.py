@@ -9,12 +9,16 @@ from __future__ import annotations
 import json
 
 import pytest
+from flwr.app import MessageType
 from loopback import one_thread_and_task_identity, run_in_process  # noqa: F401  (autouse fixture)
 
+from cl_fed import protocol as P
 from cl_fed.config import make_config
 from cl_fed.continual import prepare_data, starting_model, state_checksum
 from cl_fed.history import MergeHistory
+from cl_fed.io import read_tensors_meta
 from cl_fed.models.registry import load_model
+from cl_fed.paths import cache_root
 from cl_fed.run import run_single_site
 from simulations import history as history_cli
 
@@ -107,3 +111,31 @@ def test_the_single_site_runner_refuses_what_needs_a_federation(key, tmp_path):
     )
     with pytest.raises(ValueError, match="scores each site's update alone"):
         run_single_site(cfg, progress=False)
+
+
+def test_a_resumed_run_rolls_back_and_the_sites_get_only_the_undo(tmp_path):
+    config = {
+        "scenario": "tiny",
+        "rounds-per-stage": 1,
+        "run-name": "rollback-drill",
+        "output-dir": str(tmp_path),
+    }
+    run_dir, _ = run_in_process(config, sites=2)
+    steps = MergeHistory(run_dir).load()["steps"]
+    assert len(steps) == 3 and steps[1]["checksum_after"] != steps[2]["checksum_after"]
+    # the sites were last sent the base after step 1 (the last merge's base went to no round)
+    _, grid = run_in_process({**config, "resume": True, "rollback-to": 0}, sites=2)
+    after = results(run_dir)
+    (rollback,) = after["rollbacks"]
+    assert rollback["to"] == 0 and rollback["checksum"] == steps[0]["checksum_after"]
+    assert after["base_checksum"] == steps[0]["checksum_after"]
+    history = MergeHistory(run_dir).load()["steps"]
+    assert history[3]["kind"] == "rollback" and history[3]["checksum_after"] == steps[0]["checksum_after"]
+    # the broadcast: the undo of the first merge as update operations, not every weight
+    (message, *_) = [m for m in grid.sent if m.metadata.message_type == MessageType.EVALUATE]
+    assert message.content[P.CONFIG][P.SYNC] == P.SYNC_CHANGED
+    sent = message.content[P.WEIGHTS].to_torch_state_dict()
+    assert 0 < len(sent) < len(load_model(run_dir / "model").model.state_dict())
+    for site in ("factory-a", "factory-b"):  # every site holds the rolled-back base, bit for bit
+        meta = read_tensors_meta(cache_root() / "sites" / "rollback-drill" / site / "state.safetensors")
+        assert meta["checksum"] == steps[0]["checksum_after"]
