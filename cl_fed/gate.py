@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 import statistics
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -82,6 +83,7 @@ def judge(
 def gate_merge(cfg: RunConfig, state, step, stages: list[str], scale: float, score: Score) -> dict:
     """Decide the committing Merge `step` (cl_fed.plan) of `state` (cl_fed.state.ContinualState): the
     decision dict, whose `weight` is what to merge at (0: skip)."""
+    tick = time.perf_counter()
     current, earlier = stages[step.stage], list(stages[: step.stage])
     names = [current, *earlier]
     before = score(state.base, names)
@@ -105,6 +107,7 @@ def gate_merge(cfg: RunConfig, state, step, stages: list[str], scale: float, sco
         "reason": tries[-1]["reason"],
         "validation_wer_before": before,
         "tries": tries,
+        "seconds": round(time.perf_counter() - tick, 3),  # what the gate cost: its evaluations
     }
 
 

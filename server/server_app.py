@@ -161,8 +161,10 @@ def run_server(grid: Grid, run_config: dict) -> Path:
     def site_gate(updates: dict[str, dict]) -> dict[str, dict]:
         """gate-sites=alone: each site's model (the weights it trained on plus its own adapter) judged
         against the committed base on the server's validation rows."""
+        tick = time.perf_counter()
         models = {site: fold(state.weights, adapter_update(u, scale)) for site, u in updates.items()}
         verdicts = gate_sites(cfg, state.base, models, current[-1].stage, stages, score)
+        strategy.round_log["gate_seconds"] = round(time.perf_counter() - tick, 3)
         for site, verdict in verdicts.items():
             if not verdict["passed"]:
                 print(

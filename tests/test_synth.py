@@ -46,7 +46,7 @@ def test_layout_and_manifest_records(tiny_dir):
     scenario = load_scenario("tiny")
     assert tiny_dir.name == scenario.fingerprint()[:16] and tiny_dir.parent.name == "speech"
     records = manifest(tiny_dir)
-    assert len(records) == 40 + 8 + 2 * 2 * 8 + 2 * 6
+    assert len(records) == 8 + 2 * 2 * 8 + 2 * 6  # foundation test rows, stage train rows, stage test rows
     assert len({r["id"] for r in records}) == len(records)
     assert sorted(p.name for p in (tiny_dir / "audio").iterdir()) == sorted(
         f"{r['id']}.flac" for r in records
