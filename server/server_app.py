@@ -346,7 +346,7 @@ def federated_evaluation(grid, strategy, label, stages, weights, cfg) -> Evaluat
                 print(
                     f"[cl-fed] evaluation failed on node {node}: {last_line(reply.error.reason)}", flush=True
                 )
-                strategy.sync.nodes[node] = ""  # next time: everything
+                strategy.sync.nodes.pop(node, None)  # next time: everything
                 failed.append(node)
                 continue
             # it synced to the current weights (a `local` site: it runs its own state from now on)

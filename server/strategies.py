@@ -69,8 +69,9 @@ class WeightsSync:
         self.weights, self.checksum = dict(weights), sites_hold or state_checksum(weights)
         self.previous: str | None = None
         self.steps: list[dict[str, tuple]] = []  # the operations from `previous` to `checksum`
-        self.assumed = sites_hold or None  # what a node not (yet) in `nodes` holds
-        self.nodes: dict[int, str] = {}  # node -> checksum it last reported holding ("": unknown)
+        self.assumed = sites_hold or None  # what a node never sent to yet is presumed to hold
+        self.asked: set[int] = set()  # the nodes sent to since
+        self.nodes: dict[int, str] = {}  # node -> checksum it last reported holding
 
     def update(self, weights: dict[str, torch.Tensor], steps: list[dict[str, tuple]]) -> None:
         """The weights now, and the operations applied to them since the last update."""
@@ -83,7 +84,8 @@ class WeightsSync:
     def records(self, node: int) -> tuple[dict, dict]:
         """(config fields, array records) that bring `node` to the current weights."""
         config = {P.WEIGHTS_CHECKSUM: self.checksum, P.SYNC: P.SYNC_NONE, P.SYNC_FROM: ""}
-        held = self.nodes.get(node, self.assumed)
+        held = self.nodes.get(node, None if node in self.asked else self.assumed)
+        self.asked.add(node)
         if held == self.checksum:
             return config, {}
         if held is not None and held == self.previous:
@@ -205,13 +207,13 @@ class ContinualStrategy(FedAvg):
         holds: dict[str, str] = {}  # site -> checksum of the weights it reports holding
         for msg in errors:
             node = self.replying_node(msg)
-            self.sync.nodes[node] = ""  # unknown now: send everything next time
+            self.sync.nodes.pop(node, None)  # unknown now: send everything next time
             dropped.append({"node": node, "reason": f"client error: {last_line(msg.error.reason)}"})
         answered = {self.replying_node(m) for m in replies}
         skipped: dict[str, int] = {}  # site -> manifest rows it skipped (bad-rows=skip)
         for node in self.round_log.get("sent_to", []):
             if node not in answered:
-                self.sync.nodes[node] = ""
+                self.sync.nodes.pop(node, None)
                 dropped.append({"node": node, "reason": f"no reply within {self.cfg.round_timeout} s"})
 
         def reject(node, site, error) -> None:
@@ -227,7 +229,7 @@ class ContinualStrategy(FedAvg):
             try:
                 self.check_origin(node, site, about)
             except AdapterRejected as error:
-                self.sync.nodes[node] = ""
+                self.sync.nodes.pop(node, None)
                 reject(node, site, error)
                 continue
             self.sync.nodes[node] = holds[site] = str(about.get(P.WEIGHTS_CHECKSUM, ""))
@@ -374,7 +376,7 @@ class Local(ContinualStrategy):
     sends_adapter = False  # each site continues from its own
 
     def sync_records(self, node):
-        if self.sync.nodes.get(node):  # the site runs its own state now
+        if node in self.sync.nodes:  # the site runs its own state now
             return {P.WEIGHTS_CHECKSUM: "", P.SYNC: P.SYNC_NONE, P.SYNC_FROM: ""}, {}
         return super().sync_records(node)
 

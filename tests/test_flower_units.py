@@ -746,10 +746,16 @@ def test_checkpoint_round_trip_and_another_config_is_refused(tiny, tmp_path):
     )
     extra = {"m_t/x.lora_A": torch.randn(2, 3, dtype=torch.float64)}
     path = tmp_path / "run" / CHECKPOINT
-    save_checkpoint(path, state, record, 7, extra)
+    key = next(k for k in state.weights if state.weights[k].dim() == 2)
+    state.log = [{key: ("set", state.weights[key])}]  # pending operations for the sites
+    save_checkpoint(path, state, record, 7, extra, sites_hold="d" * 64)
     fresh = ContinualState.start(tiny["base"])
-    loaded, loaded_record, next_step, loaded_extra, _ = load_checkpoint(path, fresh, cfg.to_dict())
+    loaded, loaded_record, next_step, loaded_extra, _, sites_hold = load_checkpoint(
+        path, fresh, cfg.to_dict()
+    )
     assert next_step == 7 and loaded_record == record and equal_states(loaded_extra, extra)
+    assert sites_hold == "d" * 64 and list(loaded.log[0]) == [key]
+    assert torch.equal(loaded.log[0][key][1], state.weights[key])
     assert equal_states(loaded.base, state.base) and equal_states(loaded.weights, state.weights)
     assert equal_states(loaded.adapter, state.adapter)
     assert len(loaded.pool) == 1 and equal_states(loaded.pool[0], state.pool[0])
@@ -758,7 +764,7 @@ def test_checkpoint_round_trip_and_another_config_is_refused(tiny, tmp_path):
     # without an adapter (the round after a merge) it comes back without one
     merged = server_after_round(tiny, [random_adapter(reference, seed=9)], [1], merge=True)
     save_checkpoint(path, merged, record, 3)
-    back, _, _, no_extra, _ = load_checkpoint(path, fresh, cfg.to_dict())
+    back, _, _, no_extra, _, _ = load_checkpoint(path, fresh, cfg.to_dict())
     assert (
         back.adapter is None and back.pool == [] and equal_states(back.base, merged.base) and no_extra == {}
     )
@@ -834,3 +840,17 @@ def test_robust_aggregation_and_dp_poisson_sampling_through_the_strategy(tiny):
     )
     assert dp.poisson and dp.expected == 20.0
     assert sent == poisson_sample(nodes, 0.5, step.seed, dp.secret) and 8 < len(sent) < 32
+
+
+def test_a_resumed_sync_sends_the_pending_operations_then_everything_to_a_node_that_lacks_them():
+    held = {"w": torch.zeros(2, 2)}
+    now = {"w": torch.ones(2, 2)}
+    sync = WeightsSync(now, sites_hold=state_checksum(held))  # as a resumed server builds it
+    sync.update(now, [{"w": ("set", now["w"])}])  # the operations the checkpoint kept
+    config, records = sync.records(7)
+    assert config[P.SYNC] == P.SYNC_CHANGED and config[P.SYNC_FROM] == state_checksum(held)
+    assert set(records[P.WEIGHTS].to_torch_state_dict()) == {"0/set/w"}
+    # the node turned out to hold something else (its reply failed): next time it gets everything
+    sync.nodes.pop(7, None)
+    config, records = sync.records(7)
+    assert config[P.SYNC] == P.SYNC_FULL and set(records[P.WEIGHTS].to_torch_state_dict()) == {"w"}

@@ -314,7 +314,7 @@ def test_rows_and_their_names():
     assert [row_config(mode, o, "tiny") for mode, o in main] == list(quality.MAIN)
     assert len(select_rows("default")) == 10 and len(select_rows("default", with_dp=True)) == 12
     assert select_rows("default", only=[11]) == [quality.DP_ROWS[0]]
-    with pytest.raises(ValueError, match="out of 1..12"):
+    with pytest.raises(ValueError, match="out of 1..15"):
         select_rows("default", only=[0])
     assert select_rows("default", names=["joint", "fedavg"]) == [quality.ROWS[9], quality.ROWS[4]]
     with pytest.raises(ValueError, match="unknown configuration"):
