@@ -139,3 +139,25 @@ def test_a_resumed_run_rolls_back_and_the_sites_get_only_the_undo(tmp_path):
     for site in ("factory-a", "factory-b"):  # every site holds the rolled-back base, bit for bit
         meta = read_tensors_meta(cache_root() / "sites" / "rollback-drill" / site / "state.safetensors")
         assert meta["checksum"] == steps[0]["checksum_after"]
+
+
+def test_with_federated_evaluation_the_sites_score_the_gate_on_their_own_rows(tmp_path):
+    run_dir, grid = run_in_process(
+        {
+            "scenario": "tiny",
+            "rounds-per-stage": 1,
+            "merge-gate": "validate",
+            "evaluation": "federated",
+            "output-dir": str(tmp_path),
+        },
+        sites=2,
+    )
+    asked = [
+        list(m.content[P.CONFIG][P.TEST_SETS])
+        for m in grid.sent
+        if m.metadata.message_type == MessageType.EVALUATE
+    ]
+    assert ["val/en-welding"] in asked and ["val/de-codeswitch", "val/en-welding"] in asked
+    decisions = results(run_dir)["gate"]
+    assert [d["stage_name"] for d in decisions] == ["en-welding", "de-codeswitch"]
+    assert all(v == v for d in decisions for v in d["validation_wer_before"].values())  # scored (not NaN)
