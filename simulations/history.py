@@ -42,7 +42,7 @@ def steps_table(history: dict) -> str:
             else step.get("stage_name") or "(start)",
             "" if step["round"] is None else str(step["round"] + 1),
             ", ".join(sites),
-            "" if step["step"] == 0 else f"{step.get('weight', 1.0):g}",
+            "" if step["step"] == 0 or step.get("kind") == "rollback" else f"{step.get('weight', 1.0):g}",
             step["checksum_after"][:12],
             *[f"{wer[s]:.1f}" if s in wer else "" for s in sets],
         ]
