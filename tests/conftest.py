@@ -20,6 +20,7 @@ SLOW_FIRST = (
     "test_sweep.py",
     "test_flower_e2e.py",
     "test_local_flwr.py",
+    "test_gate_runs.py",
 )
 
 

@@ -22,6 +22,7 @@ from cl_fed.paths import cache_root
 from cl_fed.run import run_single_site
 from simulations import history as history_cli
 
+pytestmark = pytest.mark.slow  # about 4 min of runs on 2 cores (make test runs them; test-fast does not)
 FAULTY = "factory-b"
 
 
