@@ -159,6 +159,13 @@ def load_adapter_state(
             target.copy_(state[key])
 
 
+def freeze_lora_a(peft_model: peft.PeftModel, frozen: bool, adapter_name: str = DEFAULT_ADAPTER) -> None:
+    """Train B only (FFA-LoRA: A stays at its shared init) or, with frozen=False, both factors."""
+    for layer in _lora_layers(peft_model, adapter_name).values():
+        layer.lora_A[adapter_name].weight.requires_grad_(not frozen)
+        layer.lora_B[adapter_name].weight.requires_grad_(True)
+
+
 def _check_shape(kind: str, key: str, given: torch.Tensor, target: torch.Tensor) -> None:
     if tuple(given.shape) != tuple(target.shape):
         got, expected = tuple(given.shape), tuple(target.shape)

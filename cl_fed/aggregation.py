@@ -2,15 +2,26 @@
 
 Adapters are dicts ``{"<path>.lora_A": A (rank x in), "<path>.lora_B": B (out x rank)}`` with
 weights p_i summing to 1 and LoRA scale s = alpha / rank. An aggregate is a flat tensor dict, what
-a Flower strategy's `aggregate_train` returns:
+a Flower strategy's `aggregate_train` returns. The run-config key `lora-aggregation` picks the rule
+of LoRA rounds (cl_fed.plan.rule_for):
 
-- ``exact`` (merge=product): the factor means (A_bar, B_bar) plus, per adapted layer, the residual
+- ``exact`` (default): the factor means (A_bar, B_bar) plus, per adapted layer, the residual
   ``residual/<path>.weight`` = s * (sum_i p_i B_i A_i - B_bar A_bar) (float64). Sites fold the
-  residual into the frozen weights they train on (FedEx-LoRA) and continue from (A_bar, B_bar),
-  so the model they continue from is W + residual + s B_bar A_bar = W + s sum_i p_i B_i A_i:
-  exactly the example-weighted mean of the sites' models, at every round.
-- ``fedit`` (merge=factors): the factor means only (FedIT; Flower's flowertune-llm example), which
-  differs from the mean update by a cross-site covariance term.
+  residual into the frozen weights they train on and continue from (A_bar, B_bar), so the model
+  they continue from is W + residual + s B_bar A_bar = W + s sum_i p_i B_i A_i: exactly the
+  example-weighted mean of the sites' models, at every round. The residual belongs to the stage's
+  update: a merge pools it with the adapter (centralize-every = K averages K such updates).
+- ``fedex`` (FedEx-LoRA, Singhal et al., ACL 2025): the same aggregate, but the residual becomes
+  part of the frozen weights for good, as the paper folds it into the pretrained weights: at the
+  stage's merge it goes into the base at once and only s B_bar A_bar joins the pool. With merges
+  every round or every stage (a pool of one) fedex and exact are the same run; with
+  centralize-every = K they differ in how much of each stage the pool's averaging dilutes.
+- ``fedit`` (also merge=factors): the factor means only (FedIT; Flower's flowertune-llm example),
+  which differs from the mean update by a cross-site covariance term.
+- ``ffa`` (FFA-LoRA, Sun et al., ICLR 2024): A stays frozen at the fresh adapter's init, drawn from
+  the round's seed and so the same at every site; sites train and send only B, and the mean of the
+  B_i is exact because sum_i p_i B_i A = B_bar A. Half the traffic of the others both ways
+  (`sent_factors`), no residual.
 - ``weights`` (full fine-tuning): the example-weighted mean of whole state dicts.
 
 With one site every rule is the identity (the exact residual is exactly zero).
@@ -22,7 +33,9 @@ import torch
 
 from cl_fed.centralize import _check_weights, average_adapters, base_key, lora_pairs, product_delta
 
-RULES = ("exact", "fedit", "weights")
+RULES = ("exact", "fedex", "fedit", "ffa", "weights")
+RESIDUAL_RULES = ("exact", "fedex")  # the rules whose aggregate carries residuals
+FROZEN_A_RULES = ("ffa",)  # the rules that train and send B only
 RESIDUAL = "residual/"  # key prefix of the exact rule's residuals: "residual/<base weight key>"
 
 
@@ -41,6 +54,47 @@ def exact(adapters: list[dict], weights: list[float], scale: float) -> dict[str,
     return out
 
 
+def ffa(adapters: list[dict], weights: list[float], scale: float) -> dict[str, torch.Tensor]:
+    """FFA-LoRA: every site's A is the shared frozen one, so the mean of the B_i is the exact mean
+    update; raises if the sites' A differ (a site that trained A, or another seed)."""
+    _check_weights(weights, len(adapters), "ffa")
+    first = adapters[0]
+    for index, adapter in enumerate(adapters[1:], start=1):
+        for key, tensor in first.items():
+            if key.endswith(".lora_A") and not torch.equal(adapter[key], tensor):
+                raise ValueError(
+                    f"ffa: adapter {index} has another {key} than adapter 0; FFA-LoRA needs the "
+                    "frozen A every site was given"
+                )
+    out = average_adapters(adapters, weights)
+    out.update({k: v.clone() for k, v in first.items() if k.endswith(".lora_A")})  # bit for bit
+    return out
+
+
+def sent_factors(rule: str, adapter: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The part of an adapter that travels (site to server and back): B only for ffa, whose A the
+    other side draws itself from the seed; the whole adapter otherwise."""
+    if rule in FROZEN_A_RULES:
+        return {k: v for k, v in adapter.items() if not k.endswith(".lora_A")}
+    return dict(adapter)
+
+
+def with_frozen_factors(rule: str, sent: dict[str, torch.Tensor], start: dict[str, torch.Tensor]) -> dict:
+    """An adapter whose A a site did not send (ffa), completed with the round's frozen A from
+    `start`; raises if it sent an A (FFA-LoRA never trains A) or `start` lacks one."""
+    if rule not in FROZEN_A_RULES or not sent:  # nothing sent (a `local` site): nothing to complete
+        return dict(sent)
+    sent_a = sorted(k for k in sent if k.endswith(".lora_A"))
+    if sent_a:
+        raise ValueError(f"lora-aggregation={rule}: A is frozen and never sent, got {sent_a[0]}")
+    frozen = {k: v for k, v in start.items() if k.endswith(".lora_A")}
+    missing = sorted(k[: -len(".lora_B")] + ".lora_A" for k in sent if k.endswith(".lora_B"))
+    missing = [k for k in missing if k not in frozen]
+    if missing:
+        raise ValueError(f"lora-aggregation={rule}: no frozen A for {missing[0]}")
+    return {**frozen, **sent}
+
+
 def mean_weights(states: list[dict], weights: list[float], scale: float = 1.0) -> dict[str, torch.Tensor]:
     """FedAvg of whole models; integer buffers (BatchNorm's step counters) are rounded back."""
     _check_weights(weights, len(states), "mean_weights")
@@ -51,7 +105,7 @@ def mean_weights(states: list[dict], weights: list[float], scale: float = 1.0) -
     return average
 
 
-AGGREGATE = {"exact": exact, "fedit": fedit, "weights": mean_weights}
+AGGREGATE = {"exact": exact, "fedex": exact, "fedit": fedit, "ffa": ffa, "weights": mean_weights}
 
 
 def aggregate(rule: str, updates: list[dict], weights: list[float], scale: float) -> dict[str, torch.Tensor]:
@@ -80,7 +134,7 @@ def with_zero_residual(adapter: dict[str, torch.Tensor], weights: dict[str, torc
 def start_arrays(rule: str, adapter: dict[str, torch.Tensor], weights: dict[str, torch.Tensor]) -> dict:
     """A round's starting point in the key space of `rule`'s aggregate (what a Flower optimiser
     measures the aggregate against)."""
-    return with_zero_residual(adapter, weights) if rule == "exact" else dict(adapter)
+    return with_zero_residual(adapter, weights) if rule in RESIDUAL_RULES else dict(adapter)
 
 
 def fold(weights: dict[str, torch.Tensor], residual: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

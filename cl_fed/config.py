@@ -15,7 +15,9 @@ from cl_fed.devices import DEVICE_PATTERN, PRECISIONS
 from cl_fed.schedule import Schedule, check_strategy, parse_schedule
 
 MERGE_MODES = ("product", "factors")
+LORA_AGGREGATIONS = ("exact", "fedex", "fedit", "ffa")  # cl_fed/aggregation.py
 EVALUATION_MODES = ("server", "federated")
+TRACKING_BACKENDS = ("none", "tensorboard", "mlflow")  # cl_fed/tracking.py
 
 DEFAULTS: dict[str, object] = {
     "scenario": "default",  # packaged scenario name or path to a scenario YAML
@@ -30,6 +32,10 @@ DEFAULTS: dict[str, object] = {
     "max-seconds": 30.0,  # longest clip a manifest may hold (0 = no limit)
     "strategy": "centralization",  # centralization | fedavg | fedavg-lora | local
     "merge": "product",  # product (exact mean of B_i A_i) | factors (mean B times mean A)
+    # how a round's LoRA factors aggregate (cl_fed/aggregation.py): exact (the sites continue from the
+    # exact mean model) | fedex (FedEx-LoRA: residuals into the base at once) | fedit (factor means) |
+    # ffa (FFA-LoRA: A frozen, B trained and sent). merge=factors is fedit throughout
+    "lora-aggregation": "exact",
     "centralize-every": "stage",  # round | stage | K (stages, through an adapter pool)
     "rounds-per-stage": 2,
     "local-epochs": 3,
@@ -62,9 +68,17 @@ DEFAULTS: dict[str, object] = {
     "evaluation": "server",  # server | federated
     "round-timeout": 900,  # seconds a round waits for client replies
     "fraction-train": 1.0,  # share of the sites sampled each round (seeded by seed and round)
-    # a Flower server optimiser on the aggregated LoRA update (flwr.serverapp.strategy)
-    "server-optimizer": "none",  # none | fedadam | fedyogi | fedadagrad
-    "server-lr": 1e-3,  # the server optimiser's step size (Flower's eta)
+    # Flower's own strategies composed with ours (server/strategies.py build_strategy):
+    # a server optimiser on the aggregated LoRA update before it is applied: none | adam | yogi |
+    # adagrad (FedAdam, FedYogi, FedAdagrad) | avgm (FedAvgM); fedadam, fedyogi, fedadagrad, fedavgm
+    # are read as their short names
+    "server-optimizer": "none",
+    # its step size: Flower's eta (adam, yogi, adagrad) or server_learning_rate (avgm);
+    # 0 = the optimiser's default (SERVER_LR_DEFAULTS: 1e-3 for adam/yogi/adagrad, 1.0 for avgm)
+    "server-lr": 0.0,
+    "server-momentum": 0.9,  # avgm: FedAvgM's server_momentum (as in Flower's FedAvgM baseline)
+    # FedProx (Flower's FedProx sends it; sites add (mu/2) ||w - w_start||^2 to their loss); 0 = off
+    "proximal-mu": 0.0,
     "seed": 0,
     "output-dir": "",  # "" = the project's runs/ directory
     "run-name": "",  # "" = derived from scenario, strategy, schedule and seed
@@ -88,28 +102,47 @@ DEFAULTS: dict[str, object] = {
     "rollback-to": -1,
     # a drill (cl_fed/faults.py): "shuffle-transcripts:<site>" gives that site mislabelled training data
     "drill": "",
+    # experiment tracking (cl_fed/tracking.py): rounds, evaluations and config to <run-dir>/tensorboard/
+    # or an MLflow file store <run-dir>/mlruns/, offline: none | tensorboard | mlflow
+    "tracking": "none",
 }
 
 
 # Knobs a strategy does not use (see RunConfig.effective).
 IGNORED_BY = {
     "centralization": ("full-lr",),
-    "local": ("full-lr", "server-optimizer", "server-lr", "aggregation", "trim-fraction", "max-site-weight"),
-    "fedavg-lora": ("full-lr", "merge", "centralize-every"),
+    "local": (
+        "full-lr",
+        "server-optimizer",
+        "server-lr",
+        "server-momentum",
+        "proximal-mu",
+        "aggregation",
+        "trim-fraction",
+        "max-site-weight",
+    ),
+    "fedavg-lora": ("full-lr", "merge", "centralize-every", "lora-aggregation"),  # FedIT by definition
     "fedavg": (
         "lr",
         "merge",
+        "lora-aggregation",
         "centralize-every",
         "lora-rank",
         "lora-alpha",
         "lora-dropout",
         "server-optimizer",
         "server-lr",
+        "server-momentum",
     ),
 }
 LR_SCHEDULES = ("inverse_sqrt", "cosine", "linear", "constant")
 LR_SPANS = ("stage", "round")
-SERVER_OPTIMIZERS = ("none", "fedadam", "fedyogi", "fedadagrad")
+SERVER_OPTIMIZERS = ("none", "adam", "yogi", "adagrad", "avgm")  # server/strategies.py SERVER_OPTIMIZERS
+SERVER_OPTIMIZER_ALIASES = {"fedadam": "adam", "fedyogi": "yogi", "fedadagrad": "adagrad", "fedavgm": "avgm"}
+# server-lr = 0: FedOpt's eta stays this project's 1e-3 (Flower's 0.1 / 0.01 overshoot the scale of a
+# LoRA factor); FedAvgM's server_learning_rate is Flower's 1.0 (a step of the whole aggregated update)
+SERVER_LR_DEFAULTS = {"adam": 1e-3, "yogi": 1e-3, "adagrad": 1e-3, "avgm": 1.0}
+PROXIMAL_STRATEGIES = ("centralization", "fedavg-lora", "fedavg")  # local: no shared model to stay near
 AGGREGATIONS = ("mean", "median", "trimmed-mean")  # cl_fed/robust.py
 SCHEDULED_STRATEGIES = ("centralization", "local")
 MERGE_GATES = ("none", "validate")
@@ -134,6 +167,7 @@ NOT_IN_NAME = (
     "device",
     "gradient-checkpointing",
     "rollback-to",  # an operator's action on a resumed run, recorded in its results and history
+    "tracking",  # where the same results are also logged
 )
 
 
@@ -155,6 +189,7 @@ class RunConfig:
     max_seconds: float
     strategy: str
     merge: str
+    lora_aggregation: str
     centralize_every: str
     rounds_per_stage: int
     local_epochs: int
@@ -185,6 +220,8 @@ class RunConfig:
     fraction_train: float
     server_optimizer: str
     server_lr: float
+    server_momentum: float
+    proximal_mu: float
     seed: int
     output_dir: str
     run_name: str
@@ -200,6 +237,7 @@ class RunConfig:
     validation_share: float
     rollback_to: int
     drill: str
+    tracking: str
 
     def schedule(self, num_stages: int) -> Schedule:
         return parse_schedule(self.centralize_every, num_stages)
@@ -228,6 +266,10 @@ class RunConfig:
         ignored = IGNORED_BY[self.strategy] + (() if self.dp_noise else ("dp-clip", "dp-delta"))  # DP off
         if self.server_optimizer == "none":
             ignored += ("server-lr",)
+        if self.server_optimizer != "avgm":
+            ignored += ("server-momentum",)
+        if self.merge == "factors":
+            ignored += ("lora-aggregation",)  # FedIT rounds and merges
         if self.merge_gate == "none" or self.strategy != "centralization":
             ignored += GATE_KEYS
         if self.aggregation != "trimmed-mean":
@@ -235,6 +277,10 @@ class RunConfig:
         if self.aggregation != "mean" or self.weighting == "uniform":
             ignored += ("max-site-weight",)  # robust statistics and uniform weights count every site once
         return replace(self, **{key.replace("-", "_"): DEFAULTS[key] for key in ignored})
+
+    def server_step(self) -> float:
+        """The server optimiser's step size: server-lr, or (0) the optimiser's default."""
+        return self.server_lr or SERVER_LR_DEFAULTS.get(self.server_optimizer, 0.0)
 
     def to_dict(self) -> dict:
         return {f.name.replace("_", "-"): getattr(self, f.name) for f in fields(self)}
@@ -270,6 +316,11 @@ def make_config(overrides: dict | None = None, *, source: str = "run config") ->
         if key not in DEFAULTS:
             raise ValueError(f"{source}: unknown key {key!r}; known keys: {', '.join(DEFAULTS)}")
         values[key] = _coerce(key, value, DEFAULTS[key])
+    optimizer = values["server-optimizer"] = SERVER_OPTIMIZER_ALIASES.get(
+        str(values["server-optimizer"]).strip().lower(), values["server-optimizer"]
+    )  # one spelling per optimiser, so that run names stay unique
+    if values["server-lr"] == SERVER_LR_DEFAULTS.get(optimizer):
+        values["server-lr"] = 0.0  # the optimiser's default, spelled out
     cfg = RunConfig(**{k.replace("-", "_"): v for k, v in values.items()})
     check_strategy(cfg.strategy)
     if cfg.merge not in MERGE_MODES:
@@ -312,13 +363,7 @@ def make_config(overrides: dict | None = None, *, source: str = "run config") ->
     for key in ("weight-decay", "grad-clip"):
         if not values[key] >= 0:
             raise ValueError(f"{source}: {key}={values[key]!r} must be >= 0")
-    if not cfg.server_lr > 0:
-        raise ValueError(f"{source}: server-lr={cfg.server_lr!r} must be > 0")
-    if cfg.server_optimizer != "none" and cfg.strategy not in ("centralization", "fedavg-lora"):
-        raise ValueError(
-            f"{source}: server-optimizer={cfg.server_optimizer!r} acts on the aggregated LoRA "
-            f"update; strategy={cfg.strategy!r} has none (use centralization or fedavg-lora)"
-        )
+    check_server_options(cfg, source)
     if cfg.server_optimizer != "none" and cfg.dp_noise:
         raise ValueError(
             f"{source}: server-optimizer={cfg.server_optimizer!r} with dp-noise: the optimiser "
@@ -350,6 +395,9 @@ def make_config(overrides: dict | None = None, *, source: str = "run config") ->
         raise ValueError(f"{source}: fraction-train={cfg.fraction_train!r} must be in (0, 1]")
     check_privacy(cfg, source)
     check_gate(cfg, source)
+    if cfg.tracking not in TRACKING_BACKENDS:
+        raise ValueError(f"{source}: tracking={cfg.tracking!r}; choose one of {', '.join(TRACKING_BACKENDS)}")
+    check_lora_aggregation(cfg, source)
     every = str(cfg.centralize_every).strip().lower()
     if every not in ("round", "stage"):  # the divisibility check needs the scenario: done in schedule()
         parse_schedule(every, num_stages=max(1, int(every)) if every.isdigit() else 1)
@@ -357,6 +405,35 @@ def make_config(overrides: dict | None = None, *, source: str = "run config") ->
         "stage" if every == "1" else str(int(every)) if every.isdigit() else every
     )  # one spelling per schedule
     return replace(cfg, centralize_every=every)
+
+
+def check_server_options(cfg: RunConfig, source: str) -> None:
+    """server-optimizer, server-lr, server-momentum and proximal-mu (server/strategies.py)."""
+    if not (cfg.server_lr >= 0 and cfg.server_lr < float("inf")):
+        raise ValueError(
+            f"{source}: server-lr={cfg.server_lr!r} must be > 0 (or 0 for the optimiser's default)"
+        )
+    if not 0.0 <= cfg.server_momentum < 1.0:
+        raise ValueError(f"{source}: server-momentum={cfg.server_momentum!r} must be in [0, 1)")
+    if not (cfg.proximal_mu >= 0 and cfg.proximal_mu < float("inf")):
+        raise ValueError(f"{source}: proximal-mu={cfg.proximal_mu!r} must be a finite number >= 0 (0 = off)")
+    if cfg.server_optimizer != "none" and cfg.strategy not in ("centralization", "fedavg-lora"):
+        why = (
+            "its rounds start from the whole model, whose integer BatchNorm counters Flower's "
+            "optimisers would turn into floats (not built)"
+            if cfg.strategy == "fedavg"
+            else "its sites aggregate nothing on the server"
+        )
+        raise ValueError(
+            f"{source}: server-optimizer={cfg.server_optimizer!r} acts on the aggregated LoRA update "
+            f"and strategy={cfg.strategy!r} has none: {why}; use centralization or fedavg-lora"
+        )
+    if cfg.proximal_mu and cfg.strategy not in PROXIMAL_STRATEGIES:
+        raise ValueError(
+            f"{source}: proximal-mu={cfg.proximal_mu!r} with strategy={cfg.strategy!r}: FedProx keeps "
+            "a site near the model the server sent, and a local site is sent none; use "
+            f"{', '.join(PROXIMAL_STRATEGIES)}"
+        )
 
 
 DP_STRATEGIES = ("centralization", "fedavg-lora")
@@ -441,3 +518,28 @@ def check_gate(cfg: RunConfig, source: str) -> None:
             parse_drill(cfg.drill)
         except ValueError as error:
             raise ValueError(f"{source}: {error}") from None
+
+
+def check_lora_aggregation(cfg: RunConfig, source: str) -> None:
+    """`lora-aggregation` and the keys it combines with (cl_fed/aggregation.py)."""
+    rule = cfg.lora_aggregation
+    if rule not in LORA_AGGREGATIONS:
+        raise ValueError(f"{source}: lora-aggregation={rule!r}; choose one of {', '.join(LORA_AGGREGATIONS)}")
+    if rule == "exact" or cfg.strategy not in SCHEDULED_STRATEGIES:
+        return  # fedavg and fedavg-lora ignore the key (full weights; FedIT by definition)
+    if cfg.merge == "factors" and rule != "fedit":
+        raise ValueError(
+            f"{source}: lora-aggregation={rule!r} with merge='factors': merge=factors averages factors "
+            "(FedIT) in rounds and merges; use merge='product' with this rule"
+        )
+    if rule == "ffa" and cfg.aggregation != "mean":
+        raise ValueError(
+            f"{source}: lora-aggregation='ffa' with aggregation={cfg.aggregation!r}: a coordinate-wise "
+            "median of the B_i is not one of the updates B_i A; use aggregation='mean'"
+        )
+    if rule == "fedex" and cfg.merge_gate != "none" and str(cfg.centralize_every).isdigit():
+        raise ValueError(
+            f"{source}: lora-aggregation='fedex' with merge-gate={cfg.merge_gate!r} and "
+            f"centralize-every={cfg.centralize_every}: fedex puts each stage's residuals into the base "
+            "without a committing merge, so the gate would not see them; use centralize-every=stage or round"
+        )

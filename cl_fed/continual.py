@@ -15,7 +15,15 @@ from pathlib import Path
 
 import torch
 
-from cl_fed.adapters import LoraSpec, adapter_state, fresh_factors, load_adapter_state, load_base_state
+from cl_fed.adapters import (
+    LoraSpec,
+    adapter_state,
+    freeze_lora_a,
+    fresh_factors,
+    load_adapter_state,
+    load_base_state,
+)
+from cl_fed.aggregation import FROZEN_A_RULES
 from cl_fed.config import DEFAULTS, RunConfig
 from cl_fed.data.scenario import Scenario, load_scenario
 from cl_fed.data.stream import StageStream, validation_split
@@ -26,7 +34,7 @@ from cl_fed.evaluate import evaluate
 from cl_fed.models.base import SpeechModel
 from cl_fed.models.registry import build_model, load_model
 from cl_fed.models.tiny import NAME as TINY_NAME
-from cl_fed.plan import Train
+from cl_fed.plan import Train, rule_for
 from cl_fed.results import Evaluation
 from cl_fed.train import TrainConfig, TrainResult, steps_per_call, train_local
 
@@ -147,6 +155,7 @@ def train_config(cfg: RunConfig, step: Train, num_utterances: int, progress: boo
         spec_augment=cfg.spec_augment,
         seed=step.seed,
         progress=progress,
+        proximal_mu=cfg.proximal_mu,  # FedProx (a site: the mu its message carries, clients/client_app.py)
     )
 
 
@@ -172,6 +181,7 @@ def train_round(
             )
         load_base_state(speech.model, weights)
         load_adapter_state(speech.model, adapter)
+        freeze_lora_a(speech.model, rule_for(cfg) in FROZEN_A_RULES)
     result = train_local(speech, data, train_config(cfg, step, len(data), progress=progress))
     if step.start == "full":
         update = {k: v.detach().to("cpu").clone() for k, v in speech.model.state_dict().items()}
@@ -274,7 +284,8 @@ def merge_recorder(cfg: RunConfig, stages: list[str], scale: float, record, hist
 
     def merged(step, before: dict, state) -> None:
         record.rounds[-1]["merged"], record.rounds[-1]["pooled"] = step.commit, True
-        if not step.commit:
+        residual_only = not step.commit and step.residual_to_base  # fedex: the residuals into the base
+        if not step.commit and not (residual_only and state_checksum(before) != state_checksum(state.base)):
             return
         server_round = record.rounds[-1]["server_round"]
         decision, decided[0] = decided[0], None
@@ -286,6 +297,7 @@ def merge_recorder(cfg: RunConfig, stages: list[str], scale: float, record, hist
             "contributions": contributions(record.rounds, history.boundary()),
             "weight": decision["weight"] if decision else 1.0,
             "gate": decision,
+            **({"part": "residuals"} if residual_only else {}),
         }
         history.record(before, state.base, (state_checksum(before), state_checksum(state.base)), meta)
 

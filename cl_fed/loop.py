@@ -25,7 +25,7 @@ def apply_step(state: ContinualState, step: Step, aggregated: dict | None, scale
     if isinstance(step, Merge):
         if state.adapter is None:
             return False
-        state.merge(scale, mode, step.commit)
+        state.merge(scale, mode, step.commit, residual_to_base=step.residual_to_base)
         return True
     raise TypeError(f"apply_step: {type(step).__name__} is not an Aggregate or Merge step")
 
@@ -55,7 +55,7 @@ def walk(
         elif isinstance(step, Merge) and step.commit and gate is not None and state.adapter is not None:
             before, weight = state.base, gate(step, state)
             if weight > 0:
-                state.merge(scale, mode, commit=True, weight=weight)
+                state.merge(scale, mode, commit=True, weight=weight, residual_to_base=step.residual_to_base)
                 merged(step, before)
             else:
                 state.discard()

@@ -9,7 +9,7 @@ merge, which seed a round uses or what a site starts from. Pure: no model, no Fl
 Per strategy, for stage t and round r of R (K = centralize-every in stages):
 
     centralization, local  Train(start fresh at r = 0, else continue from the aggregate)
-                           Aggregate(exact for merge=product, fedit for merge=factors)
+                           Aggregate(lora-aggregation for merge=product, fedit for merge=factors)
                            schedule "round": Merge(commit) after every round, each round fresh
                            else after the stage's last round: Merge, committed every K stages
     fedavg-lora            one adapter for the whole run, FedIT-averaged, never merged
@@ -49,11 +49,14 @@ class Aggregate:
 @dataclass(frozen=True)
 class Merge:
     """The current adapter (with its folded residuals) becomes one chunk of the pool; `commit`
-    merges the pool's average into the base. Either way the next Train starts fresh."""
+    merges the pool's average into the base. Either way the next Train starts fresh.
+    `residual_to_base` (lora-aggregation=fedex): the folded residuals go into the base at once and
+    only the adapter joins the pool."""
 
     stage: int
     round: int
     commit: bool
+    residual_to_base: bool = False
 
 
 @dataclass(frozen=True)
@@ -81,7 +84,17 @@ def rule_for(cfg: RunConfig) -> str:
         return "weights"
     if cfg.strategy == "fedavg-lora":
         return "fedit"
-    return "exact" if cfg.merge == "product" else "fedit"
+    return cfg.lora_aggregation if cfg.merge == "product" else "fedit"
+
+
+def adapter_seed(plan: list[Step], step: Train) -> int:
+    """The seed of the fresh adapter that `step` trains on: its own, or that of the Train step that
+    started the adapter it continues (an ffa site draws the frozen A it is not sent from it)."""
+    index = plan.index(step)
+    for earlier in reversed(plan[: index + 1]):
+        if isinstance(earlier, Train) and earlier.start == "fresh":
+            return earlier.seed
+    raise ValueError(f"adapter_seed: round {step.server_round} continues no fresh adapter of the plan")
 
 
 def continual_plan(cfg: RunConfig, stages: list[str]) -> list[Step]:
@@ -105,10 +118,11 @@ def continual_plan(cfg: RunConfig, stages: list[str]) -> list[Step]:
             seed = round_seed(cfg.seed, t, r)
             steps.append(Train(t, r, server_round, seed, start, index, span))
             steps.append(Aggregate(t, r, rule))
+            to_base = rule == "fedex"
             if scheduled and schedule.merge_after_round():
-                steps.append(Merge(t, r, commit=True))
+                steps.append(Merge(t, r, commit=True, residual_to_base=to_base))
             elif scheduled and r == rounds - 1:
-                steps.append(Merge(t, r, commit=schedule.merge_after_stage(t)))
+                steps.append(Merge(t, r, commit=schedule.merge_after_stage(t), residual_to_base=to_base))
             if r < rounds - 1:
                 steps.append(Checkpoint(t, r))
         steps.append(Evaluate(t, name))

@@ -20,6 +20,8 @@ TRAIN message, server -> site
         NONCE                           a random token per message, echoed in the reply's SITE record:
                                         a reply from an earlier round (a replay) does not carry it
         (and Flower's clipping-norm key when dp-noise > 0; see clients.client_app.clip_adapter_update)
+        PROXIMAL_MU                     FedProx's mu (proximal-mu > 0; written by Flower's FedProx): the
+                                        site adds (mu/2) ||w - w_start||^2 to its training loss
     record WEIGHTS (ArrayRecord)        tensors of the weights, as SYNC says (absent for SYNC_NONE)
     record ADAPTER (ArrayRecord)        the adapter to continue from (START = "continue"; with DP always)
 
@@ -59,6 +61,7 @@ SYNC = "sync"
 SYNC_FROM = "sync-from"
 SYNC_NONE, SYNC_CHANGED, SYNC_FULL = "none", "changed", "full"
 NONCE = "nonce"
+PROXIMAL_MU = "proximal-mu"  # the key flwr.serverapp.strategy.FedProx.configure_train writes (no constant)
 TEST_SETS = "test-sets"
 
 # metrics

@@ -41,6 +41,7 @@ from cl_fed.paths import runs_root
 from cl_fed.plan import Evaluate, Train, continual_plan, round_seed, rule_for
 from cl_fed.results import RunRecord, wer_line
 from cl_fed.state import ContinualState
+from cl_fed.tracking import Tracker
 
 SINGLE_SITE_STRATEGIES = ("centralization", "fedavg", "fedavg-lora")
 
@@ -65,6 +66,8 @@ def run_single_site(cfg: RunConfig, site: str = "all", progress: bool = True) ->
             f"server-optimizer={cfg.server_optimizer!r} is a federated server's optimiser; "
             "the single-site runner has none (use flwr run)"
         )
+    # proximal-mu is honoured (cl_fed.continual.train_config): each round's training is held near the
+    # weights or adapter it starts from, as a site of a federation of one
     start = time.perf_counter()
     scenario, stream = prepare_data(cfg, progress=progress)
     stages = stream.stages
@@ -97,6 +100,7 @@ def run_single_site(cfg: RunConfig, site: str = "all", progress: bool = True) ->
     )
     state = ContinualState.start({k: v.detach().clone() for k, v in evaluator.model.state_dict().items()})
     on_device(cfg, evaluator)  # the state stays on the CPU: merges are float64 there
+    tracker = Tracker.open(cfg.tracking, run_dir)  # a missing tracking package fails here
     record.initial = evaluate_weights(evaluator, state.evaluated(scale), sets, "initial")
     _say(progress, wer_line("starting base", record.initial.wer))
     views = {s: stream.site(s) for s in sites}
@@ -139,11 +143,13 @@ def run_single_site(cfg: RunConfig, site: str = "all", progress: bool = True) ->
         evaluate=evaluate,
         merged=lambda step, before: on_merge(step, before, state),
         gate=gate,
+        checkpoint=lambda step, index: tracker.sync(record),  # after each round and evaluation
     )
     record.wall_seconds = time.perf_counter() - start
     record.base_checksum = state_checksum(state.base)
     save_evaluated(evaluator, state.evaluated(scale), run_dir)
     record.write(run_dir)
+    tracker.finish(record, run_dir)
     _say(progress, f"[cl-fed] results: {(run_dir / 'results.json').resolve()}")
     return run_dir
 
@@ -201,7 +207,8 @@ def run_joint(cfg: RunConfig, progress: bool = True) -> Path:
     speech = starting_model(cfg, scenario, progress=progress)
     sets = test_sets(stream)
     refuse_privacy(cfg)
-    cfg = replace(cfg, strategy="fedavg").effective()  # full fine-tuning: no schedule, no LoRA knobs
+    # full fine-tuning: no schedule, no LoRA knobs; no FedProx (the bound is centralized training)
+    cfg = replace(cfg, strategy="fedavg", proximal_mu=0.0).effective()
     run_name = joint_run_name(cfg)
     run_dir = Path(cfg.output_dir or runs_root()) / run_name
     record = RunRecord(
@@ -217,6 +224,7 @@ def run_joint(cfg: RunConfig, progress: bool = True) -> Path:
     )
     weights = {k: v.detach().clone() for k, v in speech.model.state_dict().items()}
     on_device(cfg, speech, training=True)
+    tracker = Tracker.open(cfg.tracking, run_dir)
     record.initial = evaluate_weights(speech, weights, sets, "initial")
     data = [u for s in stream.sites for t in range(len(stream.stages)) for u in stream.site(s).enter(t)]
     rounds = cfg.rounds_per_stage
@@ -232,12 +240,14 @@ def run_joint(cfg: RunConfig, progress: bool = True) -> Path:
         )
         weights, result = train_round(speech, data, cfg, step, weights, None, progress=progress)
         record.rounds.append({**round_entry(step, ["all"], result, ["all"]), "stage": None})
+        tracker.sync(record)
         _say(progress, f"[cl-fed] joint round {r + 1}/{rounds}: loss {result.loss:.3f}")
     record.after_stage.append(evaluate_weights(speech, weights, sets, "joint"))
     record.wall_seconds = time.perf_counter() - start
     record.base_checksum = state_checksum(weights)
     save_evaluated(speech, weights, run_dir)
     record.write(run_dir)
+    tracker.finish(record, run_dir)
     _say(progress, f"[cl-fed] results: {(run_dir / 'results.json').resolve()}")
     return run_dir
 

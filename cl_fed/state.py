@@ -70,9 +70,13 @@ class ContinualState:
         self._change_weights(fold_ops(self.weights, residual))
         self.adapter = {k: v.detach().to(torch.float32).clone() for k, v in factors.items()}  # as trained
 
-    def merge(self, scale: float, mode: str, commit: bool, weight: float = 1.0) -> None:
+    def merge(
+        self, scale: float, mode: str, commit: bool, weight: float = 1.0, residual_to_base: bool = False
+    ) -> None:
         """A Merge step: the current update becomes a chunk of the pool; `commit` merges the pool,
-        at `weight` x its average (a merge gate's shrunk retry; 1 = as scheduled)."""
+        at `weight` x its average (a merge gate's shrunk retry; 1 = as scheduled). With
+        `residual_to_base` (fedex) the residuals folded into `weights` become the base first, bit for
+        bit, and only the adapter's s * B A is pooled (and weighted)."""
         if mode not in MODES:
             raise ValueError(f"merge mode {mode!r}; choose one of {', '.join(MODES)}")
         if self.adapter is None:
@@ -93,6 +97,8 @@ class ContinualState:
             self._change_weights(ops)
             self.base, self.adapter = dict(self.weights), None
             return
+        if residual_to_base:
+            self.base = dict(self.weights)  # update() is now the adapter's alone
         if mode == "product":
             chunk = {f"delta/{k}": v for k, v in self.update(scale).items()}
         else:
@@ -147,10 +153,12 @@ class ContinualState:
         adapter = dict(self.adapter) if self.adapter is not None else None
         return ContinualState(dict(self.base), dict(self.weights), adapter, [dict(c) for c in self.pool])
 
-    def candidate(self, scale: float, mode: str, weight: float = 1.0) -> dict[str, torch.Tensor]:
+    def candidate(
+        self, scale: float, mode: str, weight: float = 1.0, residual_to_base: bool = False
+    ) -> dict[str, torch.Tensor]:
         """The base a committing merge at `weight` would make, this state left as it is."""
         trial = self.copy()
-        trial.merge(scale, mode, commit=True, weight=weight)
+        trial.merge(scale, mode, commit=True, weight=weight, residual_to_base=residual_to_base)
         return trial.base
 
     # ---- derived ------------------------------------------------------------------------------

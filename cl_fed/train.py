@@ -56,6 +56,9 @@ class TrainConfig:
         schedule's step span_offset + k, so span_offset + steps <= span_steps.
     weight_decay [0.01] (AdamW); grad_clip [1.0]: max global gradient norm, 0 disables;
     spec_augment [True]; seed [0]: batching, SpecAugment and dropout;
+    proximal_mu [0.0]: FedProx (Li et al., 2020): the loss gains (mu/2) ||w - w_start||^2 over the
+        trainable parameters, w_start = their values when the call starts (the weights or adapter
+        the round was sent); 0 = off. The reported losses are the data loss alone;
     amp ["auto"]: "auto" = bf16 (fp16 without bf16 support) autocast only on CUDA, else "bf16", "fp16",
         "none"; progress [True]: a bar in a terminal, else one line per epoch (cl_fed.progress); a
         string turns it on and starts each line (e.g. "[factory-a] stage 1 round 1"), False turns it off.
@@ -76,6 +79,7 @@ class TrainConfig:
     seed: int = 0
     amp: str = "auto"
     progress: bool | str = True
+    proximal_mu: float = 0.0
 
     def __post_init__(self) -> None:
         if self.schedule not in SCHEDULES:
@@ -86,8 +90,10 @@ class TrainConfig:
             raise ValueError(f"TrainConfig needs batch_size >= 1, epochs >= 0, max_steps >= 0: {self}")
         if self.accumulate < 1:
             raise ValueError(f"TrainConfig.accumulate must be >= 1, got {self.accumulate}")
-        if self.lr <= 0 or self.grad_clip < 0 or self.weight_decay < 0:
-            raise ValueError(f"TrainConfig needs lr > 0 and grad_clip, weight_decay >= 0: {self}")
+        if self.lr <= 0 or self.grad_clip < 0 or self.weight_decay < 0 or not self.proximal_mu >= 0:
+            raise ValueError(
+                f"TrainConfig needs lr > 0 and grad_clip, weight_decay, proximal_mu >= 0: {self}"
+            )
         if not 0.0 <= self.warmup <= 1.0:
             raise ValueError(
                 "TrainConfig.warmup is a fraction of the span in [0, 1] (not a step count), "
@@ -159,6 +165,25 @@ def lr_at(config: TrainConfig, step: int, span_steps: int) -> float:
     if not 0 <= step < span_steps:
         raise ValueError(f"lr_at needs 0 <= step < span_steps, got step {step}, span_steps {span_steps}")
     return float(_schedule_lambda(config, span_steps)(step))
+
+
+def proximal_term(params: list[torch.Tensor], anchors: list[torch.Tensor], mu: float) -> torch.Tensor:
+    """FedProx's proximal term (mu/2) * sum_p ||p - anchor_p||^2, in float64."""
+    total = torch.zeros((), dtype=torch.float64)
+    for p, a in zip(params, anchors, strict=True):
+        total = total + (p.detach().double() - a.detach().double()).pow(2).sum().cpu()
+    return (mu / 2) * total
+
+
+def add_proximal_grad_(params: list[torch.Tensor], anchors: list[torch.Tensor], mu: float) -> None:
+    """Add the gradient of `proximal_term`, mu * (p - anchor), to every p.grad in place: the term's
+    autograd would keep a graph over every trainable weight (full fine-tuning) for the same numbers."""
+    with torch.no_grad():
+        for p, a in zip(params, anchors, strict=True):
+            if p.grad is None:
+                p.grad = mu * (p - a)
+            else:
+                p.grad.add_(p - a, alpha=mu)
 
 
 @dataclass
@@ -294,6 +319,8 @@ def train_local(
     device = speech.device
     autocast, scaler = _autocast(config, device)
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    # FedProx: the parameters as the round sent them (the adapter it starts from, or all weights)
+    anchors = [p.detach().clone() for p in params] if config.proximal_mu else []
     # LambdaLR calls its lambda with the number of scheduler.step() calls so far (0 before the first
     # optimizer step), the same count transformers' lambdas take, so local step k runs at span step
     # span_offset + k.
@@ -342,6 +369,8 @@ def train_local(
                     audio_seconds += sum(entries[i][1] for i in indices)
                 if scaler:
                     scaler.unscale_(optimizer)
+                if anchors:  # once per optimizer step, after unscaling: the term is not loss-scaled
+                    add_proximal_grad_(params, anchors, config.proximal_mu)
                 if config.grad_clip > 0:
                     torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
                 step_lrs.append(optimizer.param_groups[0]["lr"] / config.lr)

@@ -10,6 +10,7 @@ any worker or process.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import time
 
 import torch
@@ -20,7 +21,8 @@ from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from cl_fed import protocol as P
 from cl_fed import updates
-from cl_fed.aggregation import aggregate
+from cl_fed.adapters import fresh_factors
+from cl_fed.aggregation import FROZEN_A_RULES, aggregate, sent_factors, with_frozen_factors
 from cl_fed.config import make_config
 from cl_fed.continual import start_adapter, train_round, training_rows
 from cl_fed.evaluate import transcribe
@@ -28,7 +30,7 @@ from cl_fed.faults import InjectedCrash, client_fault, faulty_rows
 from cl_fed.gate import VALIDATION
 from cl_fed.loop import apply_step
 from cl_fed.metrics import error_counts
-from cl_fed.plan import Aggregate, continual_plan, steps_after
+from cl_fed.plan import Aggregate, adapter_seed, continual_plan, rule_for, steps_after
 from cl_fed.state import ContinualState
 from clients.audit import audit_messages
 from clients.site import Site, StaleBase, evaluation_model, load_site
@@ -111,8 +113,12 @@ def train(msg: Message, context: Context) -> Message:
             f"site {site.name} (local) already holds round {site.position}, the server asks for "
             f"round {step.server_round}: a local run resumes only from its last round"
         )
+    rule = rule_for(site.cfg)
     if P.ADAPTER in msg.content and site.cfg.strategy != "local":
         adapter = _tensors(msg.content[P.ADAPTER])
+        if rule in FROZEN_A_RULES:  # ffa: B was sent; A is the frozen init the site draws itself
+            seed = adapter_seed(continual_plan(site.cfg, site.stream.stages), step)
+            adapter = with_frozen_factors(rule, adapter, fresh_factors(site.shapes(), seed))
     elif step.start == "continue" and site.cfg.strategy != "local":
         raise ValueError(
             f"site {site.name}: round {step.server_round} continues from an adapter the message lacks"
@@ -126,9 +132,9 @@ def train(msg: Message, context: Context) -> Message:
         time.sleep(float(fault.get("seconds", 30)))
     # a line per epoch in the run's log, named so that the sites' interleaved lines can be told apart
     label = f"[{site.name}] stage {step.stage + 1} round {step.round + 1}"
-    update, result = train_round(
-        site.speech, data, site.cfg, step, site.state.weights, adapter, progress=label
-    )
+    # FedProx: the mu the server's FedProx put in the message (Flower's contract; absent = off)
+    cfg = dataclasses.replace(site.cfg, proximal_mu=float(conf.get(P.PROXIMAL_MU, 0.0)))
+    update, result = train_round(site.speech, data, cfg, step, site.state.weights, adapter, progress=label)
     if fault and fault["fault"] == "nan":
         update = {k: torch.full_like(v, float("nan")) for k, v in update.items()}
     if site.cfg.strategy == "local":  # the site is its own federation: apply the plan's next steps
@@ -141,6 +147,7 @@ def train(msg: Message, context: Context) -> Message:
             apply_step(state, later, aggregated, site.scale, site.cfg.merge)
         site.set_state(state, position=step.server_round)
         update = {}  # nothing leaves the site but its figures
+    update = sent_factors(rule, update) if step.start != "full" else update  # ffa: B only
     metrics = MetricRecord(
         {
             P.NUM_EXAMPLES: result.num_examples,

@@ -44,6 +44,7 @@ from cl_fed.plan import Evaluate, Merge, Train, continual_plan, rule_for
 from cl_fed.privacy import new_secret, privacy_report
 from cl_fed.results import Evaluation, RunRecord, wer_line
 from cl_fed.state import ContinualState, adapter_update
+from cl_fed.tracking import Tracker
 from server.checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint
 from server.strategies import WeightsSync, build_strategy, last_line, load_optimizer_state, optimizer_state
 
@@ -183,6 +184,8 @@ def run_server(grid: Grid, run_config: dict) -> Path:
             checkpoint, state, record, next_step, optimizer_state(strategy), secret, sync.checksum
         )
 
+    # resumed: the restored record is logged again (cl_fed/tracking.py); a missing package fails here
+    tracker = Tracker.open(cfg.tracking, run_dir, resume=next_step > 0)
     if record.initial is None:
         print(f"[cl-fed] {run_name}: evaluating the starting base", flush=True)
         record.initial = evaluate("initial")
@@ -237,6 +240,7 @@ def run_server(grid: Grid, run_config: dict) -> Path:
         print(wer_line(f"after {step.label}", wers), flush=True)
 
     def save(step, index: int) -> None:
+        tracker.sync(record)  # after each round and evaluation
         save_checkpoint(checkpoint, state, record, index, optimizer_state(strategy), secret, sync.checksum)
         crash_if_injected(record.rounds[-1]["server_round"] if record.rounds else 0)
 
@@ -258,6 +262,7 @@ def run_server(grid: Grid, run_config: dict) -> Path:
         speech.model.load_state_dict(state.evaluated(scale))
     speech.save(run_dir / "model")  # the model the last evaluation scored (local: the starting base)
     record.write(run_dir)
+    tracker.finish(record, run_dir)
     print(f"[cl-fed] results: {(run_dir / 'results.json').resolve()}", flush=True)
     return run_dir
 

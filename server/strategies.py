@@ -14,8 +14,12 @@ its message's nonce (no replays) and come from the node that holds its site's na
 its weight is capped at max-site-weight; `aggregation` swaps the mean for a median / trimmed mean.
 
 The ServerApp applies the returned aggregate to its ContinualState (cl_fed.loop), so whatever
-Flower strategy subclasses ours (FedAdam, FedYogi, FedAdagrad: `server-optimizer`) acts on exactly
-what is applied.
+Flower strategy subclasses ours acts on exactly what is applied. `build_strategy` composes Flower's
+own (flwr.serverapp.strategy), unchanged but for two small overrides on FedAvgM (`RoundStartFedAvgM`):
+`server-optimizer` adam | yogi | adagrad (FedAdam, FedYogi, FedAdagrad: a step from the round's start
+towards our aggregate, moments kept) | avgm (FedAvgM: server momentum), and `proximal-mu` > 0
+(FedProx: it writes "proximal-mu" into every train config; the sites add the proximal term,
+cl_fed.train.add_proximal_grad_).
 
     centralization  LoRA factors; exact (merge=product) or FedIT (merge=factors) aggregation every
                     round, merged into the base on the schedule
@@ -42,12 +46,14 @@ import statistics
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAdagrad, FedAdam, FedAvg, FedYogi
+from flwr.serverapp.exception import AggregationError
+from flwr.serverapp.strategy import FedAdagrad, FedAdam, FedAvg, FedAvgM, FedProx, FedYogi
+from flwr.serverapp.strategy.fedopt import FedOpt
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 
 from cl_fed import protocol as P
 from cl_fed import updates
-from cl_fed.aggregation import RESIDUAL, aggregate
+from cl_fed.aggregation import RESIDUAL, aggregate, sent_factors, with_frozen_factors
 from cl_fed.centralize import AdapterRejected, example_weights, state_bytes, validate_adapter
 from cl_fed.config import RunConfig
 from cl_fed.continual import state_checksum
@@ -146,7 +152,7 @@ class ContinualStrategy(FedAvg):
         for node in self.sample(grid, self.round_seed):
             fields, records = self.sync_records(node)
             if send_adapter:
-                records[P.ADAPTER] = ArrayRecord(start)
+                records[P.ADAPTER] = ArrayRecord(sent_factors(self.rule, start))  # ffa: B only
             self.nonces[node] = secrets.token_hex(16)  # decides nothing: it only tells this round's replies
             round_config = {**dict(config), **fields, P.NONCE: self.nonces[node]}
             if self.dp:
@@ -236,6 +242,8 @@ class ContinualStrategy(FedAvg):
             try:
                 arrays = {k: v.clone() for k, v in msg.content[P.ARRAYS].to_torch_state_dict().items()}
                 up += state_bytes(arrays)
+                if self.lora:  # ffa: the site sent B only; A is the round's frozen one
+                    arrays = with_frozen_factors(self.rule, arrays, self.round_start)
                 self.check_reply(arrays)
                 metrics = msg.content[P.METRICS]
                 n = int(metrics[P.NUM_EXAMPLES])
@@ -398,12 +406,83 @@ STRATEGY_CLASSES = {
     "fedavg-lora": FedAvgLora,
     "local": Local,
 }
-SERVER_OPTIMIZERS = {"fedadam": FedAdam, "fedyogi": FedYogi, "fedadagrad": FedAdagrad}
+
+
+class InStartOrder(FedAvg):
+    """Placed between Flower's FedAvgM and our strategy: the aggregate with the keys (and in the order)
+    of the round's start arrays. FedAvgM pairs `current_arrays` and the aggregate by position
+    (`to_numpy_ndarrays`, zip), and our aggregate lists its keys in its own order (factors, then
+    `residual/` keys); a key or shape that is not in both is an error, not a silent misstep."""
+
+    def aggregate_train(self, server_round, replies):
+        arrays, metrics = super().aggregate_train(server_round, replies)
+        start = self.current_arrays
+        if arrays is None or start is None:
+            return arrays, metrics
+        if set(arrays) != set(start):
+            raise AggregationError(
+                f"round {server_round}: the aggregate's keys differ from the round's start arrays: "
+                f"{sorted(set(arrays) ^ set(start))[:3]}"
+            )
+        for key in start:
+            if tuple(arrays[key].shape) != tuple(start[key].shape):
+                raise AggregationError(
+                    f"round {server_round}: {key} has shape {tuple(arrays[key].shape)} in the aggregate, "
+                    f"{tuple(start[key].shape)} at the round's start"
+                )
+        return ArrayRecord({key: arrays[key] for key in start}), metrics
+
+
+class RoundStartFedAvgM(FedAvgM):
+    """Flower's FedAvgM, stepping from each round's start (as FedOpt does) instead of its own last aggregate.
+
+    Flower's FedAvgM keeps `current_arrays` from its first configure_train and then its own output:
+    it assumes every round starts from its last aggregate. Ours starts from what the ServerApp sends,
+    which after a merge is a fresh adapter and always has a zero residual (cl_fed.aggregation.
+    start_arrays), so `current_arrays` is refreshed every round, as Flower's FedOpt refreshes its own.
+
+    The momentum (Flower's `momentum_vector`, sum_k beta^k of past pseudo-gradients) belongs to one
+    adapter's trajectory: a round that starts from a fresh adapter (START "fresh": after a merge, and
+    the run's first round) starts a new one. A fresh adapter's A is a new random draw, so the old
+    factors' momentum means nothing in its coordinates, and the residual's would add the update
+    just merged into the base a second time. fedavg-lora, one adapter for the whole run, keeps its
+    momentum throughout; centralize-every=round resets it every round (momentum then does nothing).
+    Flower's momentum math itself is unchanged; `InStartOrder` gives it the start's key order, and
+    float64 residuals stay float64 (factors float32) through its numpy arithmetic."""
+
+    pending_momentum: dict | None = None  # a resumed run's momentum by key (load_optimizer_state)
+
+    def configure_train(self, server_round, arrays, config, grid):
+        self.current_arrays = arrays  # refreshed each round: see the class docstring
+        if str(config.get(P.START, "")) == "fresh":
+            self.momentum_vector, self.pending_momentum = None, None
+        if self.pending_momentum is not None:
+            saved, self.pending_momentum = self.pending_momentum, None
+            if set(saved) != set(arrays):
+                raise AggregationError(
+                    "the checkpoint's FedAvgM momentum does not match the round's start arrays"
+                )
+            self.momentum_vector = [saved[key] for key in arrays]
+        return super().configure_train(server_round, arrays, config, grid)
+
+
+# `server-optimizer` -> the Flower classes composed in front of our strategy (in MRO order)
+SERVER_OPTIMIZERS = {
+    "adam": (FedAdam,),
+    "yogi": (FedYogi,),
+    "adagrad": (FedAdagrad,),
+    "avgm": (RoundStartFedAvgM, InStartOrder),
+}
 
 
 def build_strategy(cfg: RunConfig) -> ContinualStrategy:
-    """The run's strategy; with `server-optimizer`, Flower's optimiser subclassing it (its
-    aggregate_train calls ours through super() and steps from the round's start arrays)."""
+    """The run's strategy, with Flower's own composed in front of it by subclassing: FedProx
+    (`proximal-mu` > 0), then the `server-optimizer`'s class. Their configure_train and
+    aggregate_train reach ours through super(): the optimiser steps from the round's start arrays
+    towards our aggregate, and FedProx adds "proximal-mu" to the config every site is sent.
+
+    Flower's __init__s chain through super() with FedAvg's arguments only, so in a composition only
+    the first class gets its own: the optimiser's are set here after construction."""
     cls = STRATEGY_CLASSES[cfg.strategy]
     # the ServerApp waits for every site before the first round (wait_for_sites); after that a
     # site that is gone (a killed SuperNode) must not stall the run, so rounds go on with those online
@@ -414,19 +493,38 @@ def build_strategy(cfg: RunConfig) -> ContinualStrategy:
         min_evaluate_nodes=1,
         min_available_nodes=1,
     )
-    if cfg.server_optimizer == "none":
+    flower = (FedProx,) if cfg.proximal_mu else ()
+    flower += SERVER_OPTIMIZERS.get(cfg.server_optimizer, ())
+    if not flower:
         return cls(**kwargs)
-    optimizer = SERVER_OPTIMIZERS[cfg.server_optimizer]
-    composed = type(f"{optimizer.__name__}{cls.__name__}", (optimizer, cls), {})
-    return composed(**kwargs, eta=cfg.server_lr)
+    name = "".join(c.__name__ for c in flower if c is not InStartOrder) + cls.__name__
+    first = {"proximal_mu": cfg.proximal_mu} if cfg.proximal_mu else {}  # FedProx comes first
+    strategy = type(name, (*flower, cls), {})(**kwargs, **first)
+    if isinstance(strategy, FedOpt):
+        strategy.eta = cfg.server_step()  # beta_1, beta_2, tau: Flower's defaults of the class
+    if isinstance(strategy, FedAvgM):
+        strategy.server_learning_rate, strategy.server_momentum = cfg.server_step(), cfg.server_momentum
+        strategy.server_opt = True  # FedAvgM's own test (lr != 1 or momentum != 0) ran on the defaults
+    return strategy
+
+
+MOMENTUM = "momentum"  # checkpoint prefix of FedAvgM's momentum_vector, by key
 
 
 def optimizer_state(strategy) -> dict[str, torch.Tensor]:
-    """A Flower server optimiser's moments (FedOpt's m_t, v_t), for the checkpoint."""
+    """A Flower server optimiser's state, for the checkpoint: FedOpt's moments m_t, v_t; FedAvgM's
+    momentum (a list in the order of its current arrays, kept by key)."""
     out = {}
     for name in ("m_t", "v_t"):
         for key, value in (getattr(strategy, name, None) or {}).items():
             out[f"{name}/{key}"] = torch.as_tensor(value)
+    momentum = getattr(strategy, "momentum_vector", None)
+    if momentum is not None:
+        keys = list(strategy.current_arrays.keys())
+        for key, value in zip(keys, momentum, strict=True):
+            out[f"{MOMENTUM}/{key}"] = torch.as_tensor(value)
+    elif getattr(strategy, "pending_momentum", None):  # loaded, not used yet: kept as it was
+        out.update({f"{MOMENTUM}/{k}": torch.as_tensor(v) for k, v in strategy.pending_momentum.items()})
     return out
 
 
@@ -435,6 +533,9 @@ def load_optimizer_state(strategy, tensors: dict[str, torch.Tensor]) -> None:
         part = {k[len(name) + 1 :]: v.numpy() for k, v in tensors.items() if k.startswith(name + "/")}
         if part:
             setattr(strategy, name, part)
+    momentum = {k[len(MOMENTUM) + 1 :]: v.numpy() for k, v in tensors.items() if k.startswith(MOMENTUM + "/")}
+    if momentum and isinstance(strategy, RoundStartFedAvgM):  # ordered by the next round's start arrays
+        strategy.pending_momentum = momentum
 
 
 def last_line(text: str) -> str:

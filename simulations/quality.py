@@ -174,6 +174,7 @@ LATER_KEYS = {
     "max-site-weight": 0.5,
     "update-norm-ratio": 10.0,
     "aggregation": "mean",
+    "lora-aggregation": "exact",  # the rule every committed LoRA row ran with
     "trim-fraction": 0.2,
     "grad-accumulation": 1,
     "precision": "auto",  # fp32 on the CPUs the committed rows ran on
@@ -187,7 +188,12 @@ LATER_KEYS = {
     "gate-fallback": "skip",
     "validation-share": 0.1,
     "drill": "",
+    "server-momentum": 0.9,  # issue 15: FedAvgM and FedProx, off by default
+    "proximal-mu": 0.0,
 }
+# Keys whose default changed spelling, not what it computes: (new spelling, the recipe's old one).
+# server-lr 0 = the server optimiser's default, which was server-lr's default 1e-3 before issue 15.
+RESPELLED = {"server-lr": (0.0, 0.001)}
 
 
 def recipe(mode: str, overrides: dict) -> str:
@@ -202,9 +208,9 @@ def recipe(mode: str, overrides: dict) -> str:
 
     cfg = make_config({**overrides, "output-dir": "."}, source="quality")
     if mode == "joint":  # trains like full fine-tuning whatever the strategy (cl_fed.run.run_joint)
-        cfg = make_config({**cfg.to_dict(), "strategy": "fedavg"}, source="quality")
+        cfg = make_config({**cfg.to_dict(), "strategy": "fedavg", "proximal-mu": 0.0}, source="quality")
     values = {
-        k: v
+        k: RESPELLED[k][1] if k in RESPELLED and v == RESPELLED[k][0] else v
         for k, v in cfg.effective().to_dict().items()
         if k not in NOT_IN_NAME and not (k in LATER_KEYS and v == LATER_KEYS[k])
     }

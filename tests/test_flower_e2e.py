@@ -108,3 +108,15 @@ def test_centralization_run_results_and_privacy(flower):
                 ), key
         text = json.dumps(row["configs"]) + json.dumps(row["metrics"])
         assert not any(t in text for t in transcripts if len(t) > 8)
+
+
+def test_flowers_fedavgm_and_fedprox_composed_in_a_real_simulation(flower):
+    """server-optimizer=avgm and proximal-mu through `flwr run`: Flower's FedProx, FedAvgM and our
+    strategy as one class (server/strategies.py build_strategy); the in-process runs of every
+    option are in tests/test_server_optimizers.py."""
+    run_dir = run(flower, **{"server-optimizer": "avgm", "proximal-mu": 0.01, "run-name": "composed"})
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["complete"] and len(results["rounds"]) == 4
+    assert results["config"]["server-optimizer"] == "avgm" and results["config"]["proximal-mu"] == 0.01
+    assert all(len(r["clients_used"]) == 2 and r["clients_dropped"] == [] for r in results["rounds"])
+    assert sum(r["merged"] for r in results["rounds"]) == 2  # a merge per stage, the momentum restarted

@@ -89,6 +89,8 @@ def foundation_key(scenario: Scenario, train_config: TrainConfig, seed: int | No
     config = {k: v for k, v in dataclasses.asdict(train_config).items() if k != "progress"}
     if config["accumulate"] == 1:  # added after the committed bases; 1 computes what they were made with
         del config["accumulate"]
+    if config["proximal_mu"] == 0.0:  # likewise (issue 15's FedProx term; 0 = off)
+        del config["proximal_mu"]
     payload = {
         "version": FOUNDATION_VERSION,
         "dataset": foundation_scenario(scenario).fingerprint(),
