@@ -90,7 +90,9 @@ def gate_merge(cfg: RunConfig, state, step, stages: list[str], scale: float, sco
     tries = []
     weights = (1.0, 0.5) if cfg.gate_fallback == "shrink" else (1.0,)
     for weight in weights:
-        after = score(state.candidate(scale, cfg.merge, weight, step.residual_to_base), names)
+        after = score(
+            state.candidate(scale, cfg.merge, weight, getattr(step, "residual_to_base", False)), names
+        )
         verdict = judge(before, after, current, earlier, cfg.gate_min_gain, cfg.gate_max_regression)
         tries.append(
             {"weight": weight, "validation_wer": after, "passed": verdict.passed, "reason": verdict.reason}
