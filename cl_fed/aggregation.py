@@ -22,6 +22,10 @@ of LoRA rounds (cl_fed.plan.rule_for):
   the round's seed and so the same at every site; sites train and send only B, and the mean of the
   B_i is exact because sum_i p_i B_i A = B_bar A. Half the traffic of the others both ways
   (`sent_factors`), no residual.
+- ``fedsa`` (FedSA-LoRA, Guo et al., ICLR 2025): A is shared, B is personal. Sites send A only and
+  get back the mean A; each keeps its own B, its own base and its own merges (`personal`), so every
+  site ends with a model of its own, evaluated at the site. Half the traffic both ways; the B_i,
+  which carry most of what is site-specific, never leave the sites.
 - ``weights`` (full fine-tuning): the example-weighted mean of whole state dicts.
 
 With one site every rule is the identity (the exact residual is exactly zero).
@@ -33,9 +37,10 @@ import torch
 
 from cl_fed.centralize import _check_weights, average_adapters, base_key, lora_pairs, product_delta
 
-RULES = ("exact", "fedex", "fedit", "ffa", "weights")
+RULES = ("exact", "fedex", "fedit", "ffa", "fedsa", "weights")
 RESIDUAL_RULES = ("exact", "fedex")  # the rules whose aggregate carries residuals
 FROZEN_A_RULES = ("ffa",)  # the rules that train and send B only
+SHARED_A_RULES = ("fedsa",)  # the rules that send A only and keep B (and the model) at the site
 RESIDUAL = "residual/"  # key prefix of the exact rule's residuals: "residual/<base weight key>"
 
 
@@ -71,11 +76,32 @@ def ffa(adapters: list[dict], weights: list[float], scale: float) -> dict[str, t
     return out
 
 
+def fedsa(adapters: list[dict], weights: list[float], scale: float) -> dict[str, torch.Tensor]:
+    """FedSA-LoRA: the weighted mean of the sites' A factors, which is all they send; raises on a B."""
+    _check_weights(weights, len(adapters), "fedsa")
+    for index, adapter in enumerate(adapters):
+        sent_b = sorted(k for k in adapter if not k.endswith(".lora_A"))
+        if sent_b:
+            raise ValueError(f"fedsa: adapter {index} sent {sent_b[0]}; B stays at the site")
+    return average_adapters(adapters, weights)
+
+
+def personal(shared: dict[str, torch.Tensor], own: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A fedsa site's adapter after a round: the shared mean A with its own B."""
+    missing = sorted(k for k in own if k.endswith(".lora_A") and k not in shared)
+    if missing:
+        raise ValueError(f"fedsa: the shared A lacks {missing[0]}")
+    return {**own, **{k: v for k, v in shared.items() if k.endswith(".lora_A")}}
+
+
 def sent_factors(rule: str, adapter: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The part of an adapter that travels (site to server and back): B only for ffa, whose A the
-    other side draws itself from the seed; the whole adapter otherwise."""
+    other side draws itself from the seed; A only for fedsa, whose B stays at the site; the whole
+    adapter otherwise."""
     if rule in FROZEN_A_RULES:
         return {k: v for k, v in adapter.items() if not k.endswith(".lora_A")}
+    if rule in SHARED_A_RULES:
+        return {k: v for k, v in adapter.items() if k.endswith(".lora_A")}
     return dict(adapter)
 
 
@@ -105,7 +131,14 @@ def mean_weights(states: list[dict], weights: list[float], scale: float = 1.0) -
     return average
 
 
-AGGREGATE = {"exact": exact, "fedex": exact, "fedit": fedit, "ffa": ffa, "weights": mean_weights}
+AGGREGATE = {
+    "exact": exact,
+    "fedex": exact,
+    "fedit": fedit,
+    "ffa": ffa,
+    "fedsa": fedsa,
+    "weights": mean_weights,
+}
 
 
 def aggregate(rule: str, updates: list[dict], weights: list[float], scale: float) -> dict[str, torch.Tensor]:

@@ -15,7 +15,7 @@ from cl_fed.devices import DEVICE_PATTERN, PRECISIONS
 from cl_fed.schedule import Schedule, check_strategy, parse_schedule
 
 MERGE_MODES = ("product", "factors")
-LORA_AGGREGATIONS = ("exact", "fedex", "fedit", "ffa")  # cl_fed/aggregation.py
+LORA_AGGREGATIONS = ("exact", "fedex", "fedit", "ffa", "fedsa")  # cl_fed/aggregation.py
 EVALUATION_MODES = ("server", "federated")
 TRACKING_BACKENDS = ("none", "tensorboard", "mlflow")  # cl_fed/tracking.py
 
@@ -34,7 +34,8 @@ DEFAULTS: dict[str, object] = {
     "merge": "product",  # product (exact mean of B_i A_i) | factors (mean B times mean A)
     # how a round's LoRA factors aggregate (cl_fed/aggregation.py): exact (the sites continue from the
     # exact mean model) | fedex (FedEx-LoRA: residuals into the base at once) | fedit (factor means) |
-    # ffa (FFA-LoRA: A frozen, B trained and sent). merge=factors is fedit throughout
+    # ffa (FFA-LoRA: A frozen, B trained and sent) | fedsa (FedSA-LoRA: A shared, B and the model
+    # stay at each site, evaluated there). merge=factors is fedit throughout
     "lora-aggregation": "exact",
     "centralize-every": "stage",  # round | stage | K (stages, through an adapter pool)
     "rounds-per-stage": 2,
@@ -238,6 +239,14 @@ class RunConfig:
     rollback_to: int
     drill: str
     tracking: str
+
+    @property
+    def site_models(self) -> bool:
+        """Each site keeps a model of its own (local; lora-aggregation=fedsa: A shared, B kept), so
+        the sites apply the plan's merges themselves and evaluation happens at the sites."""
+        return self.strategy == "local" or (
+            self.strategy == "centralization" and self.merge == "product" and self.lora_aggregation == "fedsa"
+        )
 
     def schedule(self, num_stages: int) -> Schedule:
         return parse_schedule(self.centralize_every, num_stages)
@@ -532,6 +541,8 @@ def check_lora_aggregation(cfg: RunConfig, source: str) -> None:
             f"{source}: lora-aggregation={rule!r} with merge='factors': merge=factors averages factors "
             "(FedIT) in rounds and merges; use merge='product' with this rule"
         )
+    if rule == "fedsa":
+        check_fedsa(cfg, source)
     if rule == "ffa" and cfg.aggregation != "mean":
         raise ValueError(
             f"{source}: lora-aggregation='ffa' with aggregation={cfg.aggregation!r}: a coordinate-wise "
@@ -543,3 +554,30 @@ def check_lora_aggregation(cfg: RunConfig, source: str) -> None:
             f"centralize-every={cfg.centralize_every}: fedex puts each stage's residuals into the base "
             "without a committing merge, so the gate would not see them; use centralize-every=stage or round"
         )
+
+
+def check_fedsa(cfg: RunConfig, source: str) -> None:
+    """fedsa: every site keeps its own B and model; what needs one shared model or every site's B refuses."""
+    why = {
+        "strategy": (cfg.strategy == "local", "a local site shares nothing; fedsa shares A between sites"),
+        "merge-gate": (
+            cfg.merge_gate != "none",
+            "the gate judges one shared base, and fedsa sites merge into bases of their own",
+        ),
+        "aggregation": (
+            cfg.aggregation != "mean",
+            "the robust rules judge whole updates, fedsa sends A only",
+        ),
+        "server-optimizer": (
+            cfg.server_optimizer != "none",
+            "the server holds no shared model to step (only the mean A)",
+        ),
+        "fraction-train": (
+            cfg.fraction_train < 1,
+            "every site must take part in every round to complete its own merges with the shared A",
+        ),
+    }
+    for key, (refused, reason) in why.items():
+        if refused:
+            value = getattr(cfg, key.replace("-", "_"))
+            raise ValueError(f"{source}: lora-aggregation='fedsa' with {key}={value!r}: {reason}")

@@ -23,7 +23,11 @@ TRAIN message, server -> site
         PROXIMAL_MU                     FedProx's mu (proximal-mu > 0; written by Flower's FedProx): the
                                         site adds (mu/2) ||w - w_start||^2 to its training loss
     record WEIGHTS (ArrayRecord)        tensors of the weights, as SYNC says (absent for SYNC_NONE)
-    record ADAPTER (ArrayRecord)        the adapter to continue from (START = "continue"; with DP always)
+    record ADAPTER (ArrayRecord)        the adapter to continue from (START = "continue"; with DP always);
+                                        lora-aggregation=fedsa: the mean A of server round ADAPTER_ROUND,
+                                        in every message after the first round (the site pairs it with
+                                        its own B, then merges on its own)
+    CONFIG's ADAPTER_ROUND              fedsa: the server round whose sites' A the ADAPTER averages
 
 TRAIN reply, site -> server
     record ARRAYS (ArrayRecord)         the trained LoRA factors (fp32), or all weights (fedavg);
@@ -35,8 +39,10 @@ TRAIN reply, site -> server
 
 EVALUATE message, server -> site: CONFIG with TEST_SETS, STAGE and the sync fields; WEIGHTS as in
 TRAIN; EVALUATED (ArrayRecord): the tensors in which the evaluated model differs from the weights
-(the pool's pending average, a live adapter). A `local` site evaluates its own state instead.
-EVALUATE reply: METRICS with "<test set>:" + WORD_ERRORS / WORDS / CHAR_ERRORS / CHARS, NUM_EXAMPLES.
+(the pool's pending average, a live adapter). A site with a model of its own (`local`, fedsa)
+evaluates that instead; a fedsa message carries the ADAPTER as in TRAIN.
+EVALUATE reply: METRICS with "<test set>:" + WORD_ERRORS / WORDS / CHAR_ERRORS / CHARS, NUM_EXAMPLES;
+SITE with SITE_NAME (the per-site WER in results.json "sites").
 """
 
 # records
@@ -61,6 +67,7 @@ SYNC = "sync"
 SYNC_FROM = "sync-from"
 SYNC_NONE, SYNC_CHANGED, SYNC_FULL = "none", "changed", "full"
 NONCE = "nonce"
+ADAPTER_ROUND = "adapter-round"
 PROXIMAL_MU = "proximal-mu"  # the key flwr.serverapp.strategy.FedProx.configure_train writes (no constant)
 TEST_SETS = "test-sets"
 

@@ -39,6 +39,9 @@ class Evaluation:
     wer: dict[str, float]  # test set name -> WER (%)
     cer: dict[str, float]
     predictions: list[dict]  # {"test_set", "id", "reference", "hypothesis"}
+    # federated evaluation: each site's WER on its own share of every test set ({site: {set: WER}});
+    # `wer` then pools every site's counts (for local and fedsa, each site scores its own model)
+    site_wer: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
 def score_predictions(predictions: list[dict], test_sets: list[str]) -> tuple[dict, dict]:
@@ -158,10 +161,34 @@ class RunRecord:
             "bytes_down": sum(r.get("bytes_down", 0) for r in self.rounds),
             "wall_seconds": round(self.wall_seconds, 3),
             "base_checksum": self.base_checksum,
+            **({"sites": self.site_results()} if self.initial and self.initial.site_wer else {}),
             **({"privacy": self.privacy} if self.privacy else {}),
             **({"gate": self.gate} if self.gate else {}),
             **({"rollbacks": self.rollbacks} if self.rollbacks else {}),
         }
+
+    def site_results(self) -> dict[str, dict]:
+        """Per site (federated evaluation): its WER on its own share of every stage's test set, before
+        the first stage and after each, and the continual metrics of that matrix (None until complete
+        or where a share is empty); `site_mean` averages those metrics over the sites."""
+        out = {}
+        joint = self.schedule.get("mode") == "joint"
+        for site in self.initial.site_wer:
+            initial = [self.initial.site_wer[site].get(s, math.nan) for s in self.stages]
+            matrix = [
+                [e.site_wer.get(site, {}).get(s, math.nan) for s in self.stages] for e in self.after_stage
+            ]
+            metrics = None
+            if not joint and len(matrix) == len(self.stages):
+                try:
+                    metrics = continual_metrics(matrix, initial=initial)
+                except ValueError:  # a share this site has no rows of (NaN)
+                    metrics = None
+            out[site] = {"initial_wer": initial, "wer_matrix": matrix, "metrics": metrics}
+        scored = [v["metrics"] for v in out.values() if v["metrics"]]
+        keys = ("awer", "bwt", "forgetting", "new_stage_wer")
+        mean = {k: sum(m[k] for m in scored) / len(scored) for k in keys} if scored else None
+        return {"site_mean": mean, "by_site": out}
 
     def write(self, run_dir: str | Path) -> Path:
         run_dir = Path(run_dir)
@@ -241,6 +268,14 @@ def render_report(data: dict) -> str:
     ]
     for name, series in data.get("other_test_sets", {}).items():
         lines.append(f"- {name} test set WER after each stage: " + ", ".join(_fmt(v) for v in series["wer"]))
+    sites = data.get("sites")
+    if sites:
+        lines += ["", "## Per site (each site's share of the test sets)", ""]
+        for site, part in sites["by_site"].items():
+            sm = part["metrics"] or {}
+            lines.append(f"- {site}: AWER {_fmt(sm.get('awer'))}, BWT {_fmt(sm.get('bwt'))}")
+        mean = sites.get("site_mean") or {}
+        lines.append(f"- mean over sites: AWER {_fmt(mean.get('awer'))}, BWT {_fmt(mean.get('bwt'))}")
     dropped = sum(len(r.get("clients_dropped", [])) for r in data["rounds"])
     lines += [
         "",

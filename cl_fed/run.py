@@ -18,7 +18,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from cl_fed.adapters import adapter_shapes, attach_lora
-from cl_fed.aggregation import aggregate
+from cl_fed.aggregation import SHARED_A_RULES, aggregate, personal, sent_factors
 from cl_fed.config import DEFAULTS, RunConfig, make_config
 from cl_fed.continual import (
     evaluate_weights,
@@ -126,7 +126,10 @@ def run_single_site(cfg: RunConfig, site: str = "all", progress: bool = True) ->
             f"{step.round + 1}/{cfg.rounds_per_stage}: loss {result.loss:.3f}, "
             f"{result.audio_seconds / max(result.wall_seconds, 1e-9):.0f}x real time",
         )
-        return aggregate(rule_for(cfg), [update], [1.0], scale)
+        rule = rule_for(cfg)
+        if rule in SHARED_A_RULES:  # fedsa, one site: the mean A is its own, and it keeps its B
+            return personal(aggregate(rule, [sent_factors(rule, update)], [1.0], scale), update)
+        return aggregate(rule, [update], [1.0], scale)
 
     def evaluate(step: Evaluate) -> None:
         record.after_stage.append(evaluate_weights(evaluator, state.evaluated(scale), sets, step.label))

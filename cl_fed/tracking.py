@@ -29,6 +29,7 @@ already in it skipped. A run that crashes leaves its MLflow run RUNNING until it
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import re
@@ -177,15 +178,18 @@ class Tracker:
         self.backend = None
 
 
+def _require(module: str, backend: str, what: str) -> None:
+    """A missing optional package is a one-line error naming the install command."""
+    try:
+        importlib.import_module(module)
+    except ImportError:
+        raise ValueError(f"tracking={backend!r} needs {what}: pip install {PACKAGES[backend]}") from None
+
+
 class _TensorBoard:
     @staticmethod
     def check() -> None:
-        try:
-            from torch.utils.tensorboard import SummaryWriter  # noqa: F401  (needs the tensorboard package)
-        except ImportError:
-            raise ValueError(
-                f"tracking='tensorboard' needs the tensorboard package: pip install {PACKAGES['tensorboard']}"
-            ) from None
+        _require("torch.utils.tensorboard", "tensorboard", "the tensorboard package")
 
     def __init__(self, folder: Path, run_name: str, resume: bool) -> None:
         from torch.utils.tensorboard import SummaryWriter
@@ -216,12 +220,7 @@ class _MLflow:
         # MLflow 3.x keeps the file store in maintenance mode and refuses it unless opted in; a file
         # store is a plain folder inside the run directory (no database, no server), which is the point
         os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
-        try:
-            import mlflow.tracking  # noqa: F401
-        except ImportError:
-            raise ValueError(
-                f"tracking='mlflow' needs the MLflow client: pip install {PACKAGES['mlflow']}"
-            ) from None
+        _require("mlflow.tracking", "mlflow", "the MLflow client")
 
     def __init__(self, folder: Path, run_name: str, resume: bool) -> None:
         from mlflow.tracking import MlflowClient

@@ -2,7 +2,8 @@
 
 The message fields are defined in cl_fed/protocol.py. A site syncs to the weights the message
 names, starts from the adapter it is sent (or a fresh one from the step's seed), trains, and replies
-with its update; for `local` it then applies the plan's Aggregate and Merge steps to its own state.
+with its update; for `local` it then applies the plan's Aggregate and Merge steps to its own state,
+and for fedsa (A shared, B kept) it does so with the round's mean A, which the next message brings.
 Its state lives in one file under its cache directory (clients/site.py), so a message may land on
 any worker or process.
 """
@@ -22,7 +23,14 @@ from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
 from cl_fed import protocol as P
 from cl_fed import updates
 from cl_fed.adapters import fresh_factors
-from cl_fed.aggregation import FROZEN_A_RULES, aggregate, sent_factors, with_frozen_factors
+from cl_fed.aggregation import (
+    FROZEN_A_RULES,
+    SHARED_A_RULES,
+    aggregate,
+    personal,
+    sent_factors,
+    with_frozen_factors,
+)
 from cl_fed.config import make_config
 from cl_fed.continual import start_adapter, train_round, training_rows
 from cl_fed.evaluate import transcribe
@@ -30,7 +38,7 @@ from cl_fed.faults import InjectedCrash, client_fault, faulty_rows
 from cl_fed.gate import VALIDATION
 from cl_fed.loop import apply_step
 from cl_fed.metrics import error_counts
-from cl_fed.plan import Aggregate, adapter_seed, continual_plan, rule_for, steps_after
+from cl_fed.plan import Aggregate, Train, adapter_seed, continual_plan, rule_for, steps_after
 from cl_fed.state import ContinualState
 from clients.audit import audit_messages
 from clients.site import Site, StaleBase, evaluation_model, load_site
@@ -92,8 +100,34 @@ def _site(context: Context) -> Site:
 
 
 def _own_state(site: Site) -> bool:
-    """`local` sites run their own state once the server has sent the starting base."""
-    return site.cfg.strategy == "local" and site.state is not None
+    """Sites with models of their own (`local`, fedsa) run their own state once the server has sent
+    the starting base."""
+    return site.cfg.site_models and site.state is not None
+
+
+def apply_own_steps(site: Site, plan: list, step, adapter: dict) -> None:
+    """A site with a model of its own applies the plan's steps after `step` itself: its Aggregate
+    (a federation of one, whose aggregate is `adapter`) and, on the schedule, its Merge."""
+    state = site.state
+    for later in steps_after(plan, step):
+        apply_step(
+            state, later, adapter if isinstance(later, Aggregate) else None, site.scale, site.cfg.merge
+        )
+    site.set_state(state, position=step.server_round)
+
+
+def complete_round(site: Site, msg: Message) -> None:
+    """fedsa: the steps after the site's last round, which waited for that round's mean A; the
+    site's own B goes with it. A message without it (the site's reply was not aggregated) leaves the
+    site its own A."""
+    if not site.pending:
+        return
+    plan = continual_plan(site.cfg, site.stream.stages)
+    step = next(s for s in plan if isinstance(s, Train) and s.server_round == site.position)
+    own, conf = site.state.adapter, msg.content[P.CONFIG]
+    if P.ADAPTER in msg.content and int(conf.get(P.ADAPTER_ROUND, 0)) == site.position:
+        own = personal(_tensors(msg.content[P.ADAPTER]), own)
+    apply_own_steps(site, plan, step, own)
 
 
 @app.train()
@@ -104,26 +138,27 @@ def train(msg: Message, context: Context) -> Message:
     step = P.train_step(conf)
     if not _own_state(site):
         sync_weights(site, msg)
+    complete_round(site, msg)
     data = training_rows(site.cfg, site.stream.site(site.name).enter(step.stage))
     data = faulty_rows(site.name, step.server_round, data, site.cfg.drill, step.seed)  # drills only
     if not data:
         raise ValueError(f"site {site.name} has no training data in stage {step.stage}")
-    if site.cfg.strategy == "local" and site.position >= step.server_round:
+    if site.cfg.site_models and site.position >= step.server_round:
         raise ValueError(
-            f"site {site.name} (local) already holds round {site.position}, the server asks for "
-            f"round {step.server_round}: a local run resumes only from its last round"
+            f"site {site.name} (its own model) already holds round {site.position}, the server asks "
+            f"for round {step.server_round}: it resumes only from its last round"
         )
     rule = rule_for(site.cfg)
-    if P.ADAPTER in msg.content and site.cfg.strategy != "local":
+    if P.ADAPTER in msg.content and not site.cfg.site_models:
         adapter = _tensors(msg.content[P.ADAPTER])
         if rule in FROZEN_A_RULES:  # ffa: B was sent; A is the frozen init the site draws itself
             seed = adapter_seed(continual_plan(site.cfg, site.stream.stages), step)
             adapter = with_frozen_factors(rule, adapter, fresh_factors(site.shapes(), seed))
-    elif step.start == "continue" and site.cfg.strategy != "local":
+    elif step.start == "continue" and not site.cfg.site_models:
         raise ValueError(
             f"site {site.name}: round {step.server_round} continues from an adapter the message lacks"
         )
-    else:
+    else:  # fresh, or a site's own: `local`'s, fedsa's shared A with its own B (complete_round)
         adapter = start_adapter(step, site.state.adapter, site.shapes())
     fault = client_fault(site.name, step.server_round)
     if fault and fault["fault"] == "raise":
@@ -137,17 +172,15 @@ def train(msg: Message, context: Context) -> Message:
     update, result = train_round(site.speech, data, cfg, step, site.state.weights, adapter, progress=label)
     if fault and fault["fault"] == "nan":
         update = {k: torch.full_like(v, float("nan")) for k, v in update.items()}
-    if site.cfg.strategy == "local":  # the site is its own federation: apply the plan's next steps
-        plan = continual_plan(site.cfg, site.stream.stages)
+    if rule in SHARED_A_RULES:  # fedsa: keep the adapter; its steps wait for the round's mean A
         state = site.state
-        for later in steps_after(plan, step):
-            aggregated = (
-                aggregate(later.rule, [update], [1.0], site.scale) if isinstance(later, Aggregate) else None
-            )
-            apply_step(state, later, aggregated, site.scale, site.cfg.merge)
-        site.set_state(state, position=step.server_round)
+        state.adapter = update
+        site.set_state(state, position=step.server_round, pending=True)
+    elif site.cfg.strategy == "local":  # the site is its own federation: apply the plan's next steps
+        plan = continual_plan(site.cfg, site.stream.stages)
+        apply_own_steps(site, plan, step, aggregate(rule, [update], [1.0], site.scale))
         update = {}  # nothing leaves the site but its figures
-    update = sent_factors(rule, update) if step.start != "full" else update  # ffa: B only
+    update = sent_factors(rule, update) if step.start != "full" else update  # ffa: B only; fedsa: A only
     metrics = MetricRecord(
         {
             P.NUM_EXAMPLES: result.num_examples,
@@ -194,12 +227,13 @@ def attack(fault: dict, site: Site, start: dict, update: dict, metrics: MetricRe
 def evaluate(msg: Message, context: Context) -> Message:
     """Federated evaluation on the site's share of every stage's test set: error counts only.
 
-    The model is the server's evaluated model (its weights plus the EVALUATED tensors) or, for
-    `local`, the site's own state's evaluated model."""
+    The model is the server's evaluated model (its weights plus the EVALUATED tensors) or, for a
+    site with a model of its own (`local`, fedsa), that model after completing its last round."""
     torch.set_num_threads(1)
     site = _site(context)
     conf = msg.content[P.CONFIG]
     if _own_state(site):
+        complete_round(site, msg)
         weights = site.state.evaluated(site.scale)
     else:
         sync_weights(site, msg)
@@ -224,4 +258,5 @@ def evaluate(msg: Message, context: Context) -> Message:
             metrics[f"{test_set}:{P.CHAR_ERRORS}"] = chars.substitutions + chars.deletions + chars.insertions
             metrics[f"{test_set}:{P.CHARS}"] = chars.reference_length
             metrics[P.NUM_EXAMPLES] += len(utterances)
-    return Message(content=RecordDict({P.METRICS: MetricRecord(metrics)}), reply_to=msg)
+    about = ConfigRecord({P.SITE_NAME: site.name})  # for the per-site WER (results.json "sites")
+    return Message(content=RecordDict({P.METRICS: MetricRecord(metrics), P.SITE: about}), reply_to=msg)

@@ -39,8 +39,9 @@ class StaleBase(RuntimeError):
 
 @dataclass
 class Site:
-    """One site's data and model, and its persisted ContinualState: for `local` the site's own run
-    (base, weights, adapter, pool); otherwise just the weights the server synced (base = weights)."""
+    """One site's data and model, and its persisted ContinualState: for a site with a model of its
+    own (`local`, fedsa: RunConfig.site_models) its own run (base, weights, adapter, pool); otherwise
+    just the weights the server synced (base = weights)."""
 
     name: str
     cfg: RunConfig
@@ -51,6 +52,7 @@ class Site:
     checksum: str = ""  # of state.weights
     version: str = ""  # of the state file this object reflects
     position: int = 0  # the last server round whose Train step this state includes (0: none)
+    pending: bool = False  # fedsa: that round's Aggregate and Merge steps wait for the shared A
 
     @property
     def lora(self) -> bool:
@@ -63,15 +65,17 @@ class Site:
     def shapes(self) -> dict[str, tuple]:
         return adapter_shapes(self.speech.model) if self.lora else {}
 
-    def set_state(self, state: ContinualState, position: int | None = None) -> None:
+    def set_state(self, state: ContinualState, position: int | None = None, pending: bool = False) -> None:
         """Replace and persist the state (atomically: a crash leaves the old state file whole)."""
         self.state, self.checksum, self.version = state, state_checksum(state.weights), uuid.uuid4().hex
         self.position = self.position if position is None else position
+        self.pending = pending
         meta = {
             "checksum": self.checksum,
             "version": self.version,
             "has_adapter": state.adapter is not None,
             "position": self.position,
+            "pending": pending,
         }
         atomic_save_tensors(self.state_dir / STATE_FILE, state.to_tensors(), meta)
 
@@ -79,7 +83,7 @@ class Site:
         """Another worker or process may have advanced this site since this object was cached."""
         path = self.state_dir / STATE_FILE
         if not path.is_file():
-            self.state, self.checksum, self.version, self.position = None, "", "", 0
+            self.state, self.checksum, self.version, self.position, self.pending = None, "", "", 0, False
             return
         if read_tensors_meta(path).get("version") == self.version:
             return
@@ -87,6 +91,7 @@ class Site:
         self.state = ContinualState.from_tensors(tensors, has_adapter=bool(meta.get("has_adapter")))
         self.checksum, self.version = str(meta["checksum"]), str(meta["version"])
         self.position = int(meta.get("position", 0))
+        self.pending = bool(meta.get("pending", False))
 
 
 _CACHE: dict[tuple, Site] = {}  # one built site per worker; its state is re-read when the file changed

@@ -89,7 +89,7 @@ def run_server(grid: Grid, run_config: dict) -> Path:
     run_dir = Path(cfg.output_dir or runs_root()) / run_name
     speech = starting_model(cfg, scenario)  # the server evaluates a plain model
     sets = test_sets(stream) if cfg.evaluation == "server" else {s: [] for s in stages}
-    federated = cfg.evaluation == "federated" or cfg.strategy == "local"
+    federated = cfg.evaluation == "federated" or cfg.site_models  # site models are scored at the sites
     base = {k: v.detach().clone() for k, v in speech.model.state_dict().items()}
     on_device(cfg, speech)  # evaluation only; the weights and merges stay on the CPU (float64 math)
     strategy = build_strategy(cfg)
@@ -324,15 +324,16 @@ def federated_evaluation(grid, strategy, label, stages, weights, cfg) -> Evaluat
     """Each site scores the model on its share of every test set and returns error counts only.
 
     The model is `weights` (the server's evaluated model), sent as the site's training weights plus
-    the tensors that differ (EVALUATED); a `local` site scores its own state. A site that fails (for
-    example because its weights were not the ones assumed) is asked once more with everything."""
+    the tensors that differ (EVALUATED); a site with a model of its own (`local`, fedsa) scores that.
+    A site that fails (for example because its weights were not the ones assumed) is asked once more
+    with everything. The WER pools every site's counts; `site_wer` is each site's own."""
     test_names = list(stages)
     current = strategy.sync.weights
     evaluated = {k: v for k, v in weights.items() if v is not current[k] and not torch.equal(v, current[k])}
 
     def message(node: int) -> Message:
         fields, records = strategy.sync_records(node)
-        if evaluated and cfg.strategy != "local":
+        if evaluated and not cfg.site_models:
             records[P.EVALUATED] = ArrayRecord(evaluated)
         config = ConfigRecord({**fields, P.TEST_SETS: test_names})
         return Message(
@@ -342,6 +343,7 @@ def federated_evaluation(grid, strategy, label, stages, weights, cfg) -> Evaluat
         )
 
     totals: dict[str, float] = {}
+    by_site: dict[str, dict[str, float]] = {}  # site -> its counts (per-site WER)
     nodes = list(grid.get_node_ids())
     for _attempt in range(2):
         failed = []
@@ -356,16 +358,23 @@ def federated_evaluation(grid, strategy, label, stages, weights, cfg) -> Evaluat
                 continue
             # it synced to the current weights (a `local` site: it runs its own state from now on)
             strategy.sync.nodes[node] = strategy.sync.checksum
+            about = reply.content[P.SITE] if P.SITE in reply.content else {}
+            site = by_site.setdefault(str(about.get(P.SITE_NAME, node)), {})
             for key, value in reply.content[P.METRICS].items():
                 totals[key] = totals.get(key, 0) + value
+                site[key] = site.get(key, 0) + value
         nodes = failed
         if not nodes:
             break
 
-    def rate(errors: str, total: str, name: str) -> float:
-        n = totals.get(f"{name}:{total}", 0)
-        return 100.0 * totals.get(f"{name}:{errors}", 0) / n if n else float("nan")  # no site scored it
+    def rate(counts: dict, errors: str, total: str, name: str) -> float:
+        n = counts.get(f"{name}:{total}", 0)
+        return 100.0 * counts.get(f"{name}:{errors}", 0) / n if n else float("nan")  # nobody scored it
 
-    wer = {s: rate(P.WORD_ERRORS, P.WORDS, s) for s in test_names}
-    cer = {s: rate(P.CHAR_ERRORS, P.CHARS, s) for s in test_names}
-    return Evaluation(label=label, wer=wer, cer=cer, predictions=[])
+    wer = {s: rate(totals, P.WORD_ERRORS, P.WORDS, s) for s in test_names}
+    cer = {s: rate(totals, P.CHAR_ERRORS, P.CHARS, s) for s in test_names}
+    sites = {
+        name: {s: rate(counts, P.WORD_ERRORS, P.WORDS, s) for s in test_names}
+        for name, counts in sorted(by_site.items())
+    }
+    return Evaluation(label=label, wer=wer, cer=cer, predictions=[], site_wer=sites)

@@ -26,6 +26,8 @@ cl_fed.train.add_proximal_grad_).
     fedavg          all weights, trained in full, averaged every round (the naive baseline)
     fedavg-lora     LoRA factors FedIT-averaged every round, never merged: the base never changes
     local           every site runs the centralization plan alone; the server only keeps time
+    (fedsa)         centralization with lora-aggregation=fedsa: as local, but the sites' A are
+                    averaged every round and sent back (FedSA)
 
 Differential privacy (`dp-noise` > 0; the math in cl_fed/privacy.py): every train message carries
 the clipping norm under Flower's key and the adapter the site starts from, the site's
@@ -400,6 +402,39 @@ class Local(ContinualStrategy):
         raise RuntimeError("local strategy has no shared update to privatize")
 
 
+class FedSA(Local):
+    """lora-aggregation=fedsa (FedSA-LoRA): every site keeps its own B, base and merges, as a `local`
+    site does; the server averages the A factors the sites send and sends the mean back with every
+    later message (train and evaluate), with the round it averages (P.ADAPTER_ROUND). Flower's
+    contract is kept as `Local` keeps it: aggregate_train returns no model, since there is no
+    shared one; the mean A is the strategy's own state (checkpointed, `optimizer_state`)."""
+
+    shared: dict[str, torch.Tensor] = {}
+    shared_round = 0
+
+    def sync_records(self, node):
+        fields, records = super().sync_records(node)
+        if self.shared:
+            records[P.ADAPTER] = ArrayRecord(self.shared)
+            fields[P.ADAPTER_ROUND] = self.shared_round
+        return fields, records
+
+    def configure_train(self, server_round, arrays, config, grid):
+        messages = super().configure_train(server_round, arrays, config, grid)
+        if str(config[P.START]) == "continue" and self.shared:  # the sites start from the mean A
+            self.round_start = {**self.round_start, **self.shared}
+        return messages
+
+    def check_reply(self, arrays):
+        validate_adapter(arrays, {k: v for k, v in self.reference.items() if k.endswith(".lora_A")})
+
+    def aggregate_train(self, server_round, replies):
+        arrays, metrics = ContinualStrategy.aggregate_train(self, server_round, replies)
+        if arrays is not None:
+            self.shared, self.shared_round = arrays.to_torch_state_dict(), server_round
+        return None, metrics  # every site merges its own B with the mean A (clients.client_app)
+
+
 STRATEGY_CLASSES = {
     "centralization": Centralization,
     "fedavg": FedAvgFull,
@@ -483,7 +518,7 @@ def build_strategy(cfg: RunConfig) -> ContinualStrategy:
 
     Flower's __init__s chain through super() with FedAvg's arguments only, so in a composition only
     the first class gets its own: the optimiser's are set here after construction."""
-    cls = STRATEGY_CLASSES[cfg.strategy]
+    cls = FedSA if cfg.site_models and cfg.strategy != "local" else STRATEGY_CLASSES[cfg.strategy]
     # the ServerApp waits for every site before the first round (wait_for_sites); after that a
     # site that is gone (a killed SuperNode) must not stall the run, so rounds go on with those online
     kwargs = dict(
@@ -509,12 +544,17 @@ def build_strategy(cfg: RunConfig) -> ContinualStrategy:
 
 
 MOMENTUM = "momentum"  # checkpoint prefix of FedAvgM's momentum_vector, by key
+SHARED = "fedsa-shared"  # checkpoint prefix of FedSA's mean A; SHARED_ROUND: the round it averages
+SHARED_ROUND = "fedsa-shared-round"
 
 
 def optimizer_state(strategy) -> dict[str, torch.Tensor]:
-    """A Flower server optimiser's state, for the checkpoint: FedOpt's moments m_t, v_t; FedAvgM's
-    momentum (a list in the order of its current arrays, kept by key)."""
+    """A strategy's own state, for the checkpoint: FedOpt's moments m_t, v_t; FedAvgM's momentum (a
+    list in the order of its current arrays, kept by key); FedSA's mean A and its round."""
     out = {}
+    if getattr(strategy, "shared", None):
+        out.update({f"{SHARED}/{k}": v for k, v in strategy.shared.items()})
+        out[SHARED_ROUND] = torch.tensor(strategy.shared_round, dtype=torch.int64)
     for name in ("m_t", "v_t"):
         for key, value in (getattr(strategy, name, None) or {}).items():
             out[f"{name}/{key}"] = torch.as_tensor(value)
@@ -529,6 +569,9 @@ def optimizer_state(strategy) -> dict[str, torch.Tensor]:
 
 
 def load_optimizer_state(strategy, tensors: dict[str, torch.Tensor]) -> None:
+    shared = {k[len(SHARED) + 1 :]: v for k, v in tensors.items() if k.startswith(SHARED + "/")}
+    if shared and isinstance(strategy, FedSA):
+        strategy.shared, strategy.shared_round = shared, int(tensors[SHARED_ROUND])
     for name in ("m_t", "v_t"):
         part = {k[len(name) + 1 :]: v.numpy() for k, v in tensors.items() if k.startswith(name + "/")}
         if part:

@@ -4,6 +4,7 @@ mode and a joint-training upper bound, on one scenario, over seeds; then paired 
     python -m simulations.quality                                  # default scenario, seeds 0,1,2
     python -m simulations.quality --scenario new-languages --main  # the main rows on another scenario
     python -m simulations.quality --with-dp                        # also the two DP rows
+    python -m simulations.quality --with-variants                  # also the issue-15 variant rows
     python -m simulations.quality --rows fedavg,joint --seeds 0    # a subset, by configuration name
     python -m simulations.quality --scenario tiny --main --seeds 0,1 --set rounds-per-stage=1  # quick
     python -m simulations.quality --list                           # the configurations and their numbers
@@ -80,7 +81,22 @@ GATE_ROWS = [
     ("federated", {**GATE, **FAULTY}),
     ("federated", {**GATE, **FAULTY, **GATED}),
 ]
-ALL_ROWS = ROWS + DP_ROWS + GATE_ROWS
+# issue 15's federated-LoRA rules and Flower's server optimisers and FedProx, each against the row it
+# varies (paired by seed: the same configuration without the variant's keys, VARIANT_PARTS).
+# fedit at every stage is the committed merge=factors row (a pool of one: s B_bar A_bar either way);
+# fedex differs from exact only when the pool averages several stages, so it runs every 3 stages.
+# fedsa's WER pools each site's own model on its own share of the test sets (personalised).
+# proximal-mu 0.01: one of the FedProx paper's grid values, chosen before any run, not tuned here.
+STAGE = {"strategy": "centralization", "centralize-every": "stage"}
+VARIANT_ROWS = [
+    ("federated", {**STAGE, "lora-aggregation": "ffa"}),
+    ("federated", {**STAGE, "lora-aggregation": "fedsa"}),
+    ("federated", {"strategy": "centralization", "centralize-every": "3", "lora-aggregation": "fedex"}),
+    *[("federated", {**STAGE, "server-optimizer": name}) for name in ("adam", "yogi", "adagrad", "avgm")],
+    ("federated", {**STAGE, "proximal-mu": 0.01}),
+    ("federated", {"strategy": "fedavg", "proximal-mu": 0.01}),
+]
+ALL_ROWS = ROWS + DP_ROWS + GATE_ROWS + VARIANT_ROWS
 # the rows that answer the paper's question, for a second scenario's generalisation check
 MAIN = ("centralization-every-stage-product", "fedavg", "fedavg-lora", "joint")
 
@@ -130,10 +146,10 @@ def row_config(mode: str, overrides: dict, scenario: str) -> str:
 
 
 def select_rows(
-    scenario: str, only=None, names=None, main=False, with_dp=False, with_gates=False
+    scenario: str, only=None, names=None, main=False, with_dp=False, with_gates=False, with_variants=False
 ) -> list[tuple[str, dict]]:
     """The rows to run: by 1-based number in ALL_ROWS (`only`), by configuration name (`names`,
-    or MAIN with `main`), else ROWS (and DP_ROWS with `with_dp`)."""
+    or MAIN with `main`), else ROWS (and DP_ROWS, GATE_ROWS, VARIANT_ROWS as asked)."""
     if only:
         wrong = [i for i in only if not 1 <= i <= len(ALL_ROWS)]
         if wrong:
@@ -142,7 +158,12 @@ def select_rows(
     if main:
         names = MAIN
     if not names:
-        return ROWS + (DP_ROWS if with_dp else []) + (GATE_ROWS if with_gates else [])
+        return (
+            ROWS
+            + (DP_ROWS if with_dp else [])
+            + (GATE_ROWS if with_gates else [])
+            + (VARIANT_ROWS if with_variants else [])
+        )
     by_name = {row_config(mode, overrides, scenario): (mode, overrides) for mode, overrides in ALL_ROWS}
     unknown = [n for n in names if n not in by_name]
     if unknown:
@@ -296,6 +317,8 @@ FEDAVG = re.compile(r"^fedavg(?P<extras>(?!-lora).*?)(?P<single>-single-all)?$")
 LEARNING_RATES = re.compile(r"-(?:full-)?lr\d[0-9.]*(?:e[+-]?\d+)?(?=-|$)")
 
 
+# the keys of issue 15's variants: a run with them is compared with the same run without them
+VARIANT_PARTS = re.compile(r"-(lora-aggregation|server-optimizer|server-lr|server-momentum|proximal-mu)[^-]+")
 GATE_PARTS = re.compile(
     r"-(merge-gate|gate-sites|gate-min-gain|gate-max-regression|gate-fallback|validation-share)[^-]+"
 )
@@ -318,6 +341,11 @@ def comparison_pairs(configs: list[str]) -> list[tuple[str, str]]:
             fedavg.setdefault((settings(found["extras"]), found["single"]), config)
     pairs = []
     for config in configs:
+        if VARIANT_PARTS.search(config):  # a variant against the same run without it
+            plain = VARIANT_PARTS.sub("", config)
+            if plain in configs:
+                pairs.append((config, plain))
+            continue
         found = CENTRALIZATION.match(config)
         if not found or "dp-noise" in config:
             continue
@@ -330,6 +358,14 @@ def comparison_pairs(configs: list[str]) -> list[tuple[str, str]]:
         if reference is not None:
             pairs.append((config, reference))
     return pairs
+
+
+def compared(config: str) -> str:
+    """Who the verdict of a pair speaks of: the variant, the gate or centralization."""
+    variant = VARIANT_PARTS.search(config)
+    if variant:
+        return variant.group(0)[1:]
+    return "the gate" if GATE_PARTS.search(config) else "centralization"
 
 
 def paired_comparisons(records: list[dict]) -> list[dict]:
@@ -348,9 +384,7 @@ def paired_comparisons(records: list[dict]) -> list[dict]:
                     "seeds": [s for s, _ in diffs],
                     "differences": [d for _, d in diffs],
                     **stats,
-                    "verdict": verdict(
-                        title, better, stats, "the gate" if GATE_PARTS.search(config) else "centralization"
-                    ),
+                    "verdict": verdict(title, better, stats, compared(config)),
                 }
             )
     return out
@@ -745,6 +779,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         help="a run-config override for every row, e.g. --set rounds-per-stage=1 (repeatable; the "
         "configuration names then carry it, e.g. fedavg-rounds-per-stage1)",
     )
+    parser.add_argument(
+        "--with-variants",
+        action="store_true",
+        help="also issue 15's rows: federated-LoRA rules, server optimisers, FedProx",
+    )
     parser.add_argument("--list", action="store_true", help="print the configurations and exit")
     parser.add_argument(
         "--plan", action="store_true", help="print which runs are done and which would run, and exit"
@@ -765,12 +804,15 @@ def main(argv: list[str] | None = None) -> int:
         for number, (mode, overrides) in enumerate(ALL_ROWS, 1):
             extra = " (--with-dp)" if (mode, overrides) in DP_ROWS else ""
             extra = " (--with-gates)" if (mode, overrides) in GATE_ROWS else extra
+            extra = " (--with-variants)" if (mode, overrides) in VARIANT_ROWS else extra
             print(f"{number:2d}  {row_config(mode, overrides, args.scenario)}{extra}")
         return 0
     only = [int(i) for i in args.only.split(",")] if args.only else None
     names = [n.strip() for n in args.rows.split(",") if n.strip()] if args.rows else None
     try:
-        rows = select_rows(args.scenario, only, names, args.main, args.with_dp, args.with_gates)
+        rows = select_rows(
+            args.scenario, only, names, args.main, args.with_dp, args.with_gates, args.with_variants
+        )
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -676,8 +676,9 @@ def test_client_train_sync_stale_weights_and_evaluate(tiny, stream, tmp_path):
     (sent,) = loopback.sent
     assert set(tensors(sent.content[P.EVALUATED])) == tiny["adapted"]
     metrics = evaluated.content[P.METRICS]
-    assert set(evaluated.content) == {P.METRICS} and not evaluated.content.array_records
-    assert not evaluated.content.config_records  # no strings: no transcripts leave the site
+    assert set(evaluated.content) == {P.METRICS, P.SITE} and not evaluated.content.array_records
+    # the one string is the site's name (as in a train reply): no transcripts leave the site
+    assert dict(evaluated.content[P.SITE]) == {P.SITE_NAME: SITES[0]}
     assert set(metrics) == {P.NUM_EXAMPLES} | {
         f"{s}:{k}" for s in STAGES for k in (P.WORD_ERRORS, P.WORDS, P.CHAR_ERRORS, P.CHARS)
     }

@@ -1,4 +1,4 @@
-"""`lora-aggregation`: the federated-LoRA rules (exact, fedex, fedit, ffa) against hand-computed
+"""`lora-aggregation`: the federated-LoRA rules (exact, fedex, fedit, ffa, fedsa) against hand-computed
 values, their place in the plan and the config, and real in-process federations of the tiny scenario
 (the ServerApp loop with the real ClientApp handlers, tests/loopback.py)."""
 
@@ -14,12 +14,14 @@ from loopback import (
 )
 
 from cl_fed.adapters import fresh_factors
-from cl_fed.aggregation import aggregate, sent_factors, with_frozen_factors
+from cl_fed.aggregation import aggregate, personal, sent_factors, with_frozen_factors
 from cl_fed.config import make_config
 from cl_fed.io import load_tensors
+from cl_fed.paths import cache_root
 from cl_fed.plan import Aggregate, Merge, Train, adapter_seed, continual_plan
 from cl_fed.run import run_single_site
 from cl_fed.state import ContinualState
+from server.strategies import FedSA, build_strategy, load_optimizer_state, optimizer_state
 
 A = torch.tensor([[1.0, 2.0]])  # rank 1, in 2
 
@@ -51,6 +53,21 @@ def test_ffa_sends_b_only_and_completes_it_with_the_frozen_a():
     with pytest.raises(ValueError, match="no frozen A for l.lora_A"):
         with_frozen_factors("ffa", {"l.lora_B": torch.ones(2, 1)}, {})
     assert with_frozen_factors("ffa", {}, adapter) == {}  # a `local` site sends nothing
+
+
+def test_fedsa_averages_a_only_and_each_site_keeps_its_b_hand_computed():
+    sites = [{"l.lora_A": torch.tensor([[1.0, 2.0]])}, {"l.lora_A": torch.tensor([[3.0, -2.0]])}]
+    out = aggregate("fedsa", sites, [0.25, 0.75], scale=2.0)
+    assert set(out) == {"l.lora_A"}
+    assert torch.equal(out["l.lora_A"], torch.tensor([[2.5, -1.0]]))  # .25 [1, 2] + .75 [3, -2]
+    own = {"l.lora_A": torch.tensor([[9.0, 9.0]]), "l.lora_B": torch.tensor([[1.0], [4.0]])}
+    mine = personal(out, own)
+    assert torch.equal(mine["l.lora_A"], out["l.lora_A"]) and torch.equal(mine["l.lora_B"], own["l.lora_B"])
+    assert set(sent_factors("fedsa", own)) == {"l.lora_A"}  # B never leaves the site
+    with pytest.raises(ValueError, match="fedsa: adapter 1 sent l.lora_B; B stays at the site"):
+        aggregate("fedsa", [sites[0], own], [0.5, 0.5], 2.0)
+    with pytest.raises(ValueError, match="the shared A lacks l.lora_A"):
+        personal({}, own)
 
 
 def two_sites(seed: int) -> list[dict[str, torch.Tensor]]:
@@ -131,6 +148,19 @@ def test_config_names_the_rule_and_refuses_combinations_that_make_no_sense():
         make_config({"lora-aggregation": "ffa", "aggregation": "median"})
     with pytest.raises(ValueError, match="centralize-every=3"):
         make_config({"lora-aggregation": "fedex", "merge-gate": "validate", "centralize-every": 3})
+    assert make_config({"lora-aggregation": "fedsa"}).site_models
+    assert not make_config(
+        {"lora-aggregation": "fedsa", "merge": "factors", "strategy": "fedavg-lora"}
+    ).site_models
+    for key, value in (
+        ("strategy", "local"),
+        ("merge-gate", "validate"),
+        ("aggregation", "median"),
+        ("server-optimizer", "adam"),
+        ("fraction-train", 0.5),
+    ):
+        with pytest.raises(ValueError, match=f"lora-aggregation='fedsa' with {key}="):
+            make_config({"lora-aggregation": "fedsa", key: value})
 
 
 # ---- real federations of the tiny scenario -----------------------------------------------------
@@ -201,3 +231,60 @@ def test_fedex_and_exact_federations_differ_when_the_pool_averages(tmp_path):
     assert exact["base_checksum"] != fedex["base_checksum"]
     steps = json.loads((tmp_path / "fedex").glob("*/history/history.json").__next__().read_text())["steps"]
     assert [s.get("part") for s in steps[1:]] == ["residuals", None]  # stage 1's residuals, then the merge
+
+
+def test_fedsa_federation_shares_a_keeps_b_and_reports_every_site(tmp_path):
+    exact, _ = tiny(tmp_path, "exact", **{"centralize-every": "round"})
+    fedsa, _ = tiny(tmp_path, "fedsa", **{"centralize-every": "round"})
+    assert fedsa["complete"] and all(len(r["clients_used"]) == 2 for r in fedsa["rounds"])
+    # up: A only (the tiny model's A and B hold equally many numbers): half of exact's, every round
+    assert [r["bytes_up"] for r in fedsa["rounds"]] == [r["bytes_up"] // 2 for r in exact["rounds"]]
+    # down: the starting base went out once, with the first evaluation; then the first round sends
+    # nothing (A is drawn from the seed), every later one the mean A, never a B or a merged base
+    assert fedsa["rounds"][0]["bytes_down"] == 0
+    assert all(r["bytes_down"] == r["bytes_up"] for r in fedsa["rounds"][1:])
+    # the server merges nothing: the sites hold the models, each scored on its own share
+    assert fedsa["base_checksum"] != exact["base_checksum"]
+    sites = fedsa["sites"]["by_site"]
+    assert sorted(sites) == ["factory-a", "factory-b"]
+    assert all(len(part["wer_matrix"]) == len(fedsa["stages"]) for part in sites.values())
+    assert fedsa["sites"]["site_mean"] is not None and fedsa["metrics"] is not None
+    assert "sites" not in exact  # the server scored its one shared model on the whole test sets
+    # each site merged its own B into a base of its own: two different models, neither the start
+    bases = []
+    for site in ("factory-a", "factory-b"):
+        tensors, meta = load_tensors(cache_root() / "sites" / fedsa["run_name"] / site / "state.safetensors")
+        assert not meta["pending"]  # the last round's merge was completed at the last evaluation
+        bases.append({k[len("base/") :]: v for k, v in tensors.items() if k.startswith("base/")})
+    changed = [k for k in bases[0] if not torch.equal(bases[0][k], bases[1][k])]
+    assert changed and all(k.endswith(".weight") for k in changed)
+
+
+def test_fedsa_strategy_keeps_the_mean_a_in_its_checkpoint_state():
+    cfg = make_config({"lora-aggregation": "fedsa"})
+    strategy = build_strategy(cfg)
+    assert isinstance(strategy, FedSA) and not optimizer_state(strategy)
+    strategy.shared, strategy.shared_round = {"l.lora_A": torch.ones(2, 3)}, 4
+    saved = optimizer_state(strategy)
+    again = build_strategy(cfg)
+    load_optimizer_state(again, saved)
+    assert again.shared_round == 4 and torch.equal(again.shared["l.lora_A"], torch.ones(2, 3))
+    assert not isinstance(build_strategy(make_config({})), FedSA)
+
+
+def test_one_site_fedsa_federation_trains_as_the_single_site_runner(tmp_path):
+    overrides = {"sites": 1, "centralize-every": "2"}
+    fed, _ = tiny(tmp_path, "fedsa", nodes=1, **overrides)
+    cfg = make_config(
+        {
+            "scenario": "tiny",
+            "rounds-per-stage": 2,
+            "lora-aggregation": "fedsa",
+            "output-dir": str(tmp_path / "fedsa-single"),
+            **overrides,
+        }
+    )
+    one = json.loads((run_single_site(cfg, "factory-a", progress=False) / "results.json").read_text())
+    assert [r["loss"] for r in fed["rounds"]] == [r["loss"] for r in one["rounds"]]
+    # the site's own model is the single-site runner's (scored on the same rows)
+    assert fed["sites"]["by_site"]["factory-a"]["wer_matrix"] == one["wer_matrix"]

@@ -94,6 +94,22 @@ def test_comparison_pairs():
         "fedavg-modelm-full-lr1e-05-single-all",
     ]
     assert quality.comparison_pairs(rates + ["fedavg-modeln-single-all"]) == [tuple(rates)]
+    # issue 15's variants against the same run without the variant's keys (paired by seed)
+    variants = [
+        "centralization-every-stage-product",
+        "centralization-every-stage-product-lora-aggregationffa",
+        "centralization-every-3-product-lora-aggregationfedex",
+        "centralization-every-stage-product-server-optimizeravgm",
+        "fedavg",
+        "fedavg-proximal-mu0.01",
+    ]
+    assert quality.comparison_pairs(variants) == [
+        ("centralization-every-stage-product", "fedavg"),
+        (variants[1], variants[0]),
+        (variants[3], variants[0]),
+        (variants[5], "fedavg"),
+    ]  # fedex's reference (every-3 without it) is not among them: no pair
+    assert quality.compared(variants[1]) == "lora-aggregationffa"
 
 
 def test_set_overrides_are_typed():
@@ -314,7 +330,9 @@ def test_rows_and_their_names():
     assert [row_config(mode, o, "tiny") for mode, o in main] == list(quality.MAIN)
     assert len(select_rows("default")) == 10 and len(select_rows("default", with_dp=True)) == 12
     assert select_rows("default", only=[11]) == [quality.DP_ROWS[0]]
-    with pytest.raises(ValueError, match="out of 1..15"):
+    variants = select_rows("default", with_variants=True)[len(quality.ROWS) :]
+    assert variants == quality.VARIANT_ROWS and len(variants) == 9
+    with pytest.raises(ValueError, match="out of 1..24"):
         select_rows("default", only=[0])
     assert select_rows("default", names=["joint", "fedavg"]) == [quality.ROWS[9], quality.ROWS[4]]
     with pytest.raises(ValueError, match="unknown configuration"):
