@@ -159,6 +159,16 @@ def load_adapter_state(
             target.copy_(state[key])
 
 
+def live_factors(
+    peft_model: peft.PeftModel, adapter_name: str = DEFAULT_ADAPTER
+) -> dict[str, tuple[nn.Parameter, nn.Parameter]]:
+    """{original module path: (A, B)}: the adapter's live parameters (for penalties on them)."""
+    return {
+        path: (layer.lora_A[adapter_name].weight, layer.lora_B[adapter_name].weight)
+        for path, layer in _lora_layers(peft_model, adapter_name).items()
+    }
+
+
 def freeze_lora_a(peft_model: peft.PeftModel, frozen: bool, adapter_name: str = DEFAULT_ADAPTER) -> None:
     """Train B only (FFA-LoRA: A stays at its shared init) or, with frozen=False, both factors."""
     for layer in _lora_layers(peft_model, adapter_name).values():

@@ -18,6 +18,14 @@ MERGE_MODES = ("product", "factors")
 LORA_AGGREGATIONS = ("exact", "fedex", "fedit", "ffa", "fedsa")  # cl_fed/aggregation.py
 EVALUATION_MODES = ("server", "federated")
 TRACKING_BACKENDS = ("none", "tensorboard", "mlflow")  # cl_fed/tracking.py
+CL_METHODS = ("none", "ewc", "lwf", "olora", "replay")  # cl_fed/clmethods
+# each method's own keys (the others' are ignored: RunConfig.effective)
+CL_METHOD_KEYS = {
+    "ewc": ("ewc-lambda", "ewc-samples", "ewc-decay"),
+    "lwf": ("lwf-alpha", "lwf-temperature"),
+    "olora": ("olora-lambda",),
+    "replay": ("replay-per-stage",),
+}
 
 DEFAULTS: dict[str, object] = {
     "scenario": "default",  # packaged scenario name or path to a scenario YAML
@@ -106,6 +114,18 @@ DEFAULTS: dict[str, object] = {
     # experiment tracking (cl_fed/tracking.py): rounds, evaluations and config to <run-dir>/tensorboard/
     # or an MLflow file store <run-dir>/mlruns/, offline: none | tensorboard | mlflow
     "tracking": "none",
+    # continual-learning baselines (cl_fed/clmethods), added to the strategy's training:
+    # none | ewc (online EWC, the sites' Fisher averaged on the server) | lwf (distil the model the
+    # stage started from) | olora (adapters orthogonal to the merged updates' subspaces) |
+    # replay (each site keeps some of its own past utterances: not rehearsal-free)
+    "cl-method": "none",
+    "ewc-lambda": 100.0,  # EWC: the penalty's weight, lambda/2 * sum F (theta - theta*)^2
+    "ewc-samples": 64,  # EWC: utterances per site the diagonal Fisher is estimated on, at each stage's end
+    "ewc-decay": 1.0,  # EWC: the running Fisher is decay * F + the stage's (online EWC's gamma)
+    "lwf-alpha": 1.0,  # LwF: weight of the distillation term
+    "lwf-temperature": 2.0,  # LwF: softmax temperature of teacher and student
+    "olora-lambda": 0.5,  # O-LoRA: weight of sum |Q A^T| (O-LoRA's lambda_1)
+    "replay-per-stage": 50,  # replay: utterances of each stage a site keeps for later stages
 }
 
 
@@ -239,6 +259,14 @@ class RunConfig:
     rollback_to: int
     drill: str
     tracking: str
+    cl_method: str
+    ewc_lambda: float
+    ewc_samples: int
+    ewc_decay: float
+    lwf_alpha: float
+    lwf_temperature: float
+    olora_lambda: float
+    replay_per_stage: int
 
     @property
     def site_models(self) -> bool:
@@ -285,6 +313,9 @@ class RunConfig:
             ignored += ("trim-fraction",)
         if self.aggregation != "mean" or self.weighting == "uniform":
             ignored += ("max-site-weight",)  # robust statistics and uniform weights count every site once
+        for method, keys in CL_METHOD_KEYS.items():
+            if method != self.cl_method:
+                ignored += keys
         return replace(self, **{key.replace("-", "_"): DEFAULTS[key] for key in ignored})
 
     def server_step(self) -> float:
@@ -407,6 +438,7 @@ def make_config(overrides: dict | None = None, *, source: str = "run config") ->
     if cfg.tracking not in TRACKING_BACKENDS:
         raise ValueError(f"{source}: tracking={cfg.tracking!r}; choose one of {', '.join(TRACKING_BACKENDS)}")
     check_lora_aggregation(cfg, source)
+    check_cl_method(cfg, source)
     every = str(cfg.centralize_every).strip().lower()
     if every not in ("round", "stage"):  # the divisibility check needs the scenario: done in schedule()
         parse_schedule(every, num_stages=max(1, int(every)) if every.isdigit() else 1)
@@ -581,3 +613,47 @@ def check_fedsa(cfg: RunConfig, source: str) -> None:
         if refused:
             value = getattr(cfg, key.replace("-", "_"))
             raise ValueError(f"{source}: lora-aggregation='fedsa' with {key}={value!r}: {reason}")
+
+
+def check_cl_method(cfg: RunConfig, source: str) -> None:
+    """`cl-method` and its keys (cl_fed/clmethods), and the strategies each applies to."""
+    method = cfg.cl_method
+    if method not in CL_METHODS:
+        raise ValueError(f"{source}: cl-method={method!r}; choose one of {', '.join(CL_METHODS)}")
+    for key in ("ewc-lambda", "lwf-alpha", "olora-lambda"):
+        value = getattr(cfg, key.replace("-", "_"))
+        if not (value >= 0 and value < float("inf")):
+            raise ValueError(f"{source}: {key}={value!r} must be a finite number >= 0")
+    if not (cfg.lwf_temperature > 0 and cfg.lwf_temperature < float("inf")):
+        raise ValueError(f"{source}: lwf-temperature={cfg.lwf_temperature!r} must be > 0")
+    if not 0.0 <= cfg.ewc_decay <= 1.0:
+        raise ValueError(f"{source}: ewc-decay={cfg.ewc_decay!r} must be in [0, 1]")
+    for key in ("ewc-samples", "replay-per-stage"):
+        if getattr(cfg, key.replace("-", "_")) < 1:
+            raise ValueError(f"{source}: {key}={getattr(cfg, key.replace('-', '_'))!r} must be >= 1")
+    if method == "ewc" and cfg.site_models:
+        raise ValueError(
+            f"{source}: cl-method='ewc' with strategy={cfg.strategy!r}"
+            f"{' and lora-aggregation=' + repr(cfg.lora_aggregation) if cfg.strategy != 'local' else ''}: "
+            "EWC's Fisher is averaged on the server and anchors one shared model, and these sites keep "
+            "models of their own; use centralization (exact, fedex, fedit, ffa), fedavg or fedavg-lora"
+        )
+    if method == "ewc" and cfg.dp_noise:
+        raise ValueError(
+            f"{source}: cl-method='ewc' with dp-noise: the sites' Fisher estimates would leave them "
+            "outside the accountant's view; use one of them"
+        )
+    if method == "olora" and (cfg.strategy != "centralization" or cfg.site_models):
+        why = (
+            "it trains no adapter"
+            if cfg.strategy == "fedavg"
+            else "the sites merge on their own, so the server has no merged subspaces to send"
+            if cfg.site_models
+            else "its one adapter is never merged, so there are no earlier merged subspaces"
+        )
+        raise ValueError(
+            f"{source}: cl-method='olora' keeps each stage's adapter orthogonal to the merged updates "
+            f"of earlier stages, and strategy={cfg.strategy!r}"
+            f"{' with lora-aggregation=' + repr(cfg.lora_aggregation) if cfg.site_models else ''}: "
+            f"{why}; use strategy=centralization"
+        )

@@ -167,9 +167,11 @@ def train_round(
     weights: dict[str, torch.Tensor],
     adapter: dict[str, torch.Tensor] | None,
     progress: bool = False,
+    extra_loss=None,
 ) -> tuple[dict[str, torch.Tensor], TrainResult]:
     """One site's Train step: load the weights (and the adapter it starts from), train, return the
-    update it sends (LoRA factors, or every weight for full fine-tuning) and the training figures."""
+    update it sends (LoRA factors, or every weight for full fine-tuning) and the training figures.
+    `extra_loss`: a continual-learning method's term (cl_fed.clmethods.regularizer)."""
     if not data:
         raise ValueError(f"no training data in stage {step.stage}")
     if step.start == "full":
@@ -182,7 +184,8 @@ def train_round(
         load_base_state(speech.model, weights)
         load_adapter_state(speech.model, adapter)
         freeze_lora_a(speech.model, rule_for(cfg) in FROZEN_A_RULES)
-    result = train_local(speech, data, train_config(cfg, step, len(data), progress=progress))
+    config = train_config(cfg, step, len(data), progress=progress)
+    result = train_local(speech, data, config, extra_loss=extra_loss)
     if step.start == "full":
         update = {k: v.detach().to("cpu").clone() for k, v in speech.model.state_dict().items()}
     else:

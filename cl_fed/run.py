@@ -13,12 +13,22 @@ from __future__ import annotations
 
 import argparse
 import copy
+import shutil
 import time
 from dataclasses import replace
 from pathlib import Path
 
 from cl_fed.adapters import adapter_shapes, attach_lora
 from cl_fed.aggregation import SHARED_A_RULES, aggregate, personal, sent_factors
+from cl_fed.clmethods import (
+    Anchors,
+    Carried,
+    needs_anchor,
+    regularizer,
+    round_start,
+    site_fisher,
+    training_data,
+)
 from cl_fed.config import DEFAULTS, RunConfig, make_config
 from cl_fed.continual import (
     evaluate_weights,
@@ -112,13 +122,27 @@ def run_single_site(cfg: RunConfig, site: str = "all", progress: bool = True) ->
         cfg, stages, scale, record, history, score, lambda text: _say(progress, text)
     )
 
+    carried, anchors = Carried(), Anchors()  # cl-method: what the server would keep; the site's anchor
+    paths = sorted({key.rsplit(".", 1)[0] for key in shapes})
+    replay_dir = run_dir / "replay"
+    shutil.rmtree(replay_dir, ignore_errors=True)  # this run's own buffer (the runner does not resume)
+
     def train(step: Train) -> dict:
         state.log.clear()  # no site to send the operations to
-        data = [u for s in sites for u in training_rows(cfg, views[s].enter(step.stage))]
-        if not data:
+        rows = [u for s in sites for u in training_rows(cfg, views[s].enter(step.stage))]
+        if not rows:
             raise ValueError(f"stage {stages[step.stage]!r} has no training data for site(s) {sites}")
+        data = training_data(cfg, rows, replay_dir, site, step.stage)
         adapter = start_adapter(step, state.adapter, shapes)
-        update, result = train_round(trainer, data, cfg, step, state.weights, adapter, progress=progress)
+        anchor = None
+        if needs_anchor(cfg):
+            anchor = anchors.of(step.stage, lambda: round_start(state.weights, adapter, scale))
+        extra = regularizer(cfg, trainer, state.weights, anchor, carried.broadcast(cfg), scale)
+        update, result = train_round(
+            trainer, data, cfg, step, state.weights, adapter, progress=progress, extra_loss=extra
+        )
+        if cfg.cl_method == "ewc" and step.round == cfg.rounds_per_stage - 1:  # the stage's end
+            carried.add_fisher(cfg, [site_fisher(cfg, trainer, rows, step.seed)], [len(rows)])
         record.rounds.append(round_entry(step, stages, result, [site]))
         _say(
             progress,
@@ -137,6 +161,11 @@ def run_single_site(cfg: RunConfig, site: str = "all", progress: bool = True) ->
         history.evaluated(step.label, row)
         _say(progress, wer_line(f"after {step.label}", row))
 
+    def merged(step, before: dict) -> None:
+        on_merge(step, before, state)
+        if step.commit and spec is not None:
+            carried.merged(cfg, before, state.base, paths, spec.rank)
+
     walk(
         continual_plan(cfg, stages),
         state,
@@ -144,7 +173,7 @@ def run_single_site(cfg: RunConfig, site: str = "all", progress: bool = True) ->
         mode=cfg.merge,
         train=train,
         evaluate=evaluate,
-        merged=lambda step, before: on_merge(step, before, state),
+        merged=merged,
         gate=gate,
         checkpoint=lambda step, index: tracker.sync(record),  # after each round and evaluation
     )
@@ -211,7 +240,7 @@ def run_joint(cfg: RunConfig, progress: bool = True) -> Path:
     sets = test_sets(stream)
     refuse_privacy(cfg)
     # full fine-tuning: no schedule, no LoRA knobs; no FedProx (the bound is centralized training)
-    cfg = replace(cfg, strategy="fedavg", proximal_mu=0.0).effective()
+    cfg = replace(cfg, strategy="fedavg", proximal_mu=0.0, cl_method="none").effective()
     run_name = joint_run_name(cfg)
     run_dir = Path(cfg.output_dir or runs_root()) / run_name
     record = RunRecord(

@@ -296,8 +296,12 @@ def train_local(
     utterances: list[Utterance],
     config: TrainConfig,
     cache: FeatureCache | None = None,
+    extra_loss: Callable[[dict, object], torch.Tensor] | None = None,
 ) -> TrainResult:
-    """Train `speech.model` in place on `utterances`; returns loss and throughput figures."""
+    """Train `speech.model` in place on `utterances`; returns loss and throughput figures.
+
+    `extra_loss(batch, outputs)` (a continual-learning method's term, cl_fed/clmethods) is added to
+    each micro-batch's data loss; the reported losses stay the data loss alone."""
     if not utterances:
         raise ValueError("train_local needs at least one utterance")
     params = [p for p in speech.model.parameters() if p.requires_grad]
@@ -357,7 +361,12 @@ def train_local(
                         languages=[utterances[i].language for i in indices],
                     )
                     with autocast:
-                        loss = speech.loss(batch)
+                        if extra_loss is None:
+                            loss = data_loss = speech.loss(batch)
+                        else:
+                            outputs = speech.outputs(batch)
+                            data_loss = outputs.loss
+                            loss = data_loss + extra_loss(batch, outputs)
                     if not torch.isfinite(loss):
                         ids = [utterances[i].id for i in indices]
                         raise FloatingPointError(
@@ -365,7 +374,10 @@ def train_local(
                         )
                     loss = loss / len(micro) if len(micro) > 1 else loss  # k = 1: as without accumulation
                     (scaler.scale(loss) if scaler else loss).backward()
-                    step_loss += loss.item()
+                    if extra_loss is None:
+                        step_loss += loss.item()
+                    else:
+                        step_loss += data_loss.item() / len(micro)
                     audio_seconds += sum(entries[i][1] for i in indices)
                 if scaler:
                     scaler.unscale_(optimizer)

@@ -88,9 +88,29 @@ class SpeechModel:
 
     # ---- model ----------------------------------------------------------------------------------
     def loss(self, batch: dict) -> torch.Tensor:
+        return self.outputs(batch).loss
+
+    def outputs(self, batch: dict):
+        """The model's output on a batch made with texts: `.loss` and `.logits` (CTC: per frame;
+        Whisper: per label position)."""
         if "labels" not in batch:
             raise ValueError("loss needs a batch made with texts (no 'labels' in the batch)")
-        return self.model(**self._on_device(batch)).loss
+        return self.model(**self._on_device(batch))
+
+    def output_mask(self, batch: dict, logits: torch.Tensor) -> torch.Tensor:
+        """(batch, positions) true where `logits` hold an output that counts: a label position
+        (sequence-to-sequence: labels != -100), else a frame of speech (CTC: the encoder's mask)."""
+        labels = batch.get("labels")
+        if labels is not None and labels.shape[:2] == logits.shape[:2]:
+            return labels.to(logits.device) != -100
+        mask = batch.get("attention_mask")
+        lengths_of = getattr(unwrap(self.model), "_get_output_attention_mask", None)
+        if mask is not None and callable(lengths_of):
+            return lengths_of(mask.to(logits.device), target_length=logits.shape[1]).bool()
+        vector_mask = getattr(unwrap(self.model), "_get_feature_vector_attention_mask", None)  # wav2vec2
+        if mask is not None and callable(vector_mask):
+            return vector_mask(logits.shape[1], mask.to(logits.device)).bool()
+        return torch.ones(logits.shape[:2], dtype=torch.bool, device=logits.device)
 
     def transcribe(self, batch: dict) -> list[str]:
         raise NotImplementedError

@@ -268,8 +268,8 @@ class WhisperSpeech(SpeechModel):
             batch["labels"] = pad_labels(ids)
         return batch
 
-    def loss(self, batch: dict) -> torch.Tensor:
-        return super().loss({k: v for k, v in batch.items() if k != "languages"})
+    def outputs(self, batch: dict):
+        return super().outputs({k: v for k, v in batch.items() if k != "languages"})
 
     @torch.no_grad()
     def transcribe(self, batch: dict) -> list[str]:
