@@ -28,6 +28,10 @@ TRAIN message, server -> site
                                         in every message after the first round (the site pairs it with
                                         its own B, then merges on its own)
     CONFIG's ADAPTER_ROUND              fedsa: the server round whose sites' A the ADAPTER averages
+    record FISHER (ArrayRecord)         cl-method=ewc, from the second stage on: the run's running diagonal
+                                        Fisher {weight key: F} (cl_fed.clmethods.Carried)
+    record SUBSPACES (ArrayRecord)      cl-method=olora, once a merge was committed: {adapted module path:
+                                        orthonormal basis rows of the input directions merged so far}
 
 TRAIN reply, site -> server
     record ARRAYS (ArrayRecord)         the trained LoRA factors (fp32), or all weights (fedavg);
@@ -36,6 +40,8 @@ TRAIN reply, site -> server
                                         ROWS_SKIPPED (manifest rows the site's data left out, bad-rows=skip)
     record SITE (ConfigRecord)          SITE_NAME (from the SuperNode's node config), WEIGHTS_CHECKSUM
                                         (of the weights it now holds), NONCE (the message's)
+    record FISHER (ArrayRecord)         cl-method=ewc, a stage's last round: the site's diagonal Fisher of
+                                        the model it ended the stage with (a statistic: no audio, no text)
 
 EVALUATE message, server -> site: CONFIG with TEST_SETS, STAGE and the sync fields; WEIGHTS as in
 TRAIN; EVALUATED (ArrayRecord): the tensors in which the evaluated model differs from the weights
@@ -53,6 +59,8 @@ EVALUATED = "evaluated"
 ARRAYS = "arrays"  # Flower's FedAvg reads a reply's arrays under this key (arrayrecord_key)
 METRICS = "metrics"
 SITE = "site"
+FISHER = "fisher"  # cl-method=ewc (cl_fed/clmethods/ewc.py)
+SUBSPACES = "subspaces"  # cl-method=olora (cl_fed/clmethods/olora.py)
 
 # train config fields
 STAGE = "stage"

@@ -31,6 +31,7 @@ from cl_fed.aggregation import (
     sent_factors,
     with_frozen_factors,
 )
+from cl_fed.clmethods import Anchors, needs_anchor, regularizer, round_start, site_fisher, training_data
 from cl_fed.config import make_config
 from cl_fed.continual import start_adapter, train_round, training_rows
 from cl_fed.evaluate import transcribe
@@ -139,10 +140,12 @@ def train(msg: Message, context: Context) -> Message:
     if not _own_state(site):
         sync_weights(site, msg)
     complete_round(site, msg)
-    data = training_rows(site.cfg, site.stream.site(site.name).enter(step.stage))
-    data = faulty_rows(site.name, step.server_round, data, site.cfg.drill, step.seed)  # drills only
-    if not data:
+    rows = training_rows(site.cfg, site.stream.site(site.name).enter(step.stage))
+    rows = faulty_rows(site.name, step.server_round, rows, site.cfg.drill, step.seed)  # drills only
+    if not rows:
         raise ValueError(f"site {site.name} has no training data in stage {step.stage}")
+    # replay: plus the site's own buffer of earlier stages (kept here, never sent)
+    data = training_data(site.cfg, rows, site.state_dir / "replay", site.name, step.stage)
     if site.cfg.site_models and site.position >= step.server_round:
         raise ValueError(
             f"site {site.name} (its own model) already holds round {site.position}, the server asks "
@@ -169,7 +172,18 @@ def train(msg: Message, context: Context) -> Message:
     label = f"[{site.name}] stage {step.stage + 1} round {step.round + 1}"
     # FedProx: the mu the server's FedProx put in the message (Flower's contract; absent = off)
     cfg = dataclasses.replace(site.cfg, proximal_mu=float(conf.get(P.PROXIMAL_MU, 0.0)))
-    update, result = train_round(site.speech, data, cfg, step, site.state.weights, adapter, progress=label)
+    received = {name: _tensors(msg.content[name]) for name in (P.FISHER, P.SUBSPACES) if name in msg.content}
+    anchor = None
+    if needs_anchor(cfg):  # ewc's theta*, lwf's teacher: the model this site started the stage from
+        start = lambda: round_start(site.state.weights, adapter, site.scale)  # noqa: E731
+        anchor = Anchors(site.state_dir / "anchor.safetensors").of(step.stage, start)
+    extra = regularizer(cfg, site.speech, site.state.weights, anchor, received, site.scale)
+    update, result = train_round(
+        site.speech, data, cfg, step, site.state.weights, adapter, progress=label, extra_loss=extra
+    )
+    fisher = None
+    if cfg.cl_method == "ewc" and step.round == cfg.rounds_per_stage - 1:  # the stage's end
+        fisher = site_fisher(cfg, site.speech, rows, step.seed)
     if fault and fault["fault"] == "nan":
         update = {k: torch.full_like(v, float("nan")) for k, v in update.items()}
     if rule in SHARED_A_RULES:  # fedsa: keep the adapter; its steps wait for the round's mean A
@@ -195,6 +209,8 @@ def train(msg: Message, context: Context) -> Message:
     if fault:  # a scripted attacker (cl_fed/faults.py): what a misbehaving site could send
         update, metrics, about = attack(fault, site, adapter, update, metrics, about)
     reply = RecordDict({P.ARRAYS: ArrayRecord(update), P.METRICS: metrics, P.SITE: ConfigRecord(about)})
+    if fisher is not None:
+        reply[P.FISHER] = ArrayRecord(fisher)
     return Message(content=reply, reply_to=msg)
 
 

@@ -22,6 +22,7 @@ from flwr.serverapp import Grid, ServerApp
 from cl_fed import protocol as P
 from cl_fed.adapters import adapter_shapes, attach_lora
 from cl_fed.aggregation import fold, start_arrays
+from cl_fed.clmethods import Carried
 from cl_fed.config import RunConfig, make_config
 from cl_fed.continual import (
     evaluate_weights,
@@ -49,6 +50,7 @@ from server.checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint
 from server.strategies import WeightsSync, build_strategy, last_line, load_optimizer_state, optimizer_state
 
 app = ServerApp()
+CARRIED = "cl/"  # checkpoint prefix of the cl-method's state (cl_fed.clmethods.Carried)
 log = logging.getLogger("cl_fed.server")
 
 
@@ -112,7 +114,7 @@ def run_server(grid: Grid, run_config: dict) -> Path:
     next_step = 0
     checkpoint = run_dir / CHECKPOINT
     secret = new_secret() if cfg.dp_noise else ""  # the noise's secret: drawn here, kept in the checkpoint
-    sites_hold = ""
+    sites_hold, extra = "", {}
     if cfg.resume and checkpoint.is_file():
         state, record, next_step, extra, secret, sites_hold = load_checkpoint(
             checkpoint, state, cfg.to_dict()
@@ -128,6 +130,8 @@ def run_server(grid: Grid, run_config: dict) -> Path:
         # before anything is released: a run that cannot keep its secret (and so resume with the same
         # noise) refuses to start
         save_checkpoint(checkpoint, state, record, next_step, optimizer_state(strategy), secret)
+    # cl-method: the running Fisher (ewc) or merged subspaces (olora), kept in the checkpoint
+    carried = Carried.from_tensors({k[len(CARRIED) :]: v for k, v in extra.items() if k.startswith(CARRIED)})
     sync = WeightsSync(state.weights, sites_hold)
     rule = rule_for(cfg)
     strategy.bind(cfg, shapes, scale, rule, sync, secret=secret)
@@ -178,11 +182,13 @@ def run_server(grid: Grid, run_config: dict) -> Path:
     if cfg.gate_sites != "none":
         strategy.site_gate = site_gate
 
+    def server_extra() -> dict:
+        """The checkpoint's extra tensors: the server optimiser's and the cl-method's state."""
+        return {**optimizer_state(strategy), **{CARRIED + k: v for k, v in carried.to_tensors().items()}}
+
     if cfg.rollback_to >= 0:  # the operator's rollback of a resumed run, broadcast to the sites
         roll_back(cfg, state, record, history, strategy, grid, stages, next_step)
-        save_checkpoint(
-            checkpoint, state, record, next_step, optimizer_state(strategy), secret, sync.checksum
-        )
+        save_checkpoint(checkpoint, state, record, next_step, server_extra(), secret, sync.checksum)
 
     # resumed: the restored record is logged again (cl_fed/tracking.py); a missing package fails here
     tracker = Tracker.open(cfg.tracking, run_dir, resume=next_step > 0)
@@ -199,12 +205,15 @@ def run_server(grid: Grid, run_config: dict) -> Path:
         state.log.clear()
         adapter = start_adapter(step, state.adapter, shapes) if strategy.lora else None
         arrays = ArrayRecord(start_arrays(rule, adapter, state.weights) if adapter is not None else {})
+        strategy.broadcast = carried.broadcast(cfg)
         messages = strategy.configure_train(
             step.server_round, arrays, ConfigRecord(P.train_config(step)), grid
         )
         timeout = cfg.round_timeout + (120 if step.server_round == 1 else 0)  # first round: workers start
         replies = grid.send_and_receive(messages, timeout=timeout)
         aggregated, metrics = strategy.aggregate_train(step.server_round, replies)
+        if cfg.cl_method == "ewc" and step.round == cfg.rounds_per_stage - 1:  # the stage's Fisher
+            carried.add_fisher(cfg, [f for f, _ in strategy.fishers], [n for _, n in strategy.fishers])
         entry = {
             **strategy.round_log,
             "stage": step.stage,
@@ -230,6 +239,8 @@ def run_server(grid: Grid, run_config: dict) -> Path:
 
     def merged(step: Merge, before: dict) -> None:
         on_merge(step, before, state)
+        if step.commit and strategy.lora:  # olora: the merged update's subspace
+            carried.merged(cfg, before, state.base, sorted({k.rsplit(".", 1)[0] for k in shapes}), spec.rank)
         if step.commit:
             print(f"[cl-fed] stage {step.stage + 1} round {step.round + 1}: merged into the base", flush=True)
 
@@ -241,7 +252,7 @@ def run_server(grid: Grid, run_config: dict) -> Path:
 
     def save(step, index: int) -> None:
         tracker.sync(record)  # after each round and evaluation
-        save_checkpoint(checkpoint, state, record, index, optimizer_state(strategy), secret, sync.checksum)
+        save_checkpoint(checkpoint, state, record, index, server_extra(), secret, sync.checksum)
         crash_if_injected(record.rounds[-1]["server_round"] if record.rounds else 0)
 
     walk(

@@ -109,6 +109,8 @@ class ContinualStrategy(FedAvg):
     lora = True
     sends_adapter = True  # the adapter sites continue from comes from the server
     site_gate = None  # gate-sites: {site: update} -> {site: {"passed", "reason", ...}} (the ServerApp's)
+    broadcast: dict = {}  # cl-method: {record name: tensors} every train message carries (the ServerApp's)
+    fishers: list = []  # cl-method=ewc: this round's (site Fisher, examples) of the sites used
 
     def bind(
         self, cfg: RunConfig, reference: dict, scale: float, rule: str, sync: WeightsSync, secret: str = ""
@@ -155,6 +157,8 @@ class ContinualStrategy(FedAvg):
             fields, records = self.sync_records(node)
             if send_adapter:
                 records[P.ADAPTER] = ArrayRecord(sent_factors(self.rule, start))  # ffa: B only
+            for name, tensors in self.broadcast.items():  # cl-method state (cl_fed.clmethods.Carried)
+                records[name] = ArrayRecord(tensors)
             self.nonces[node] = secrets.token_hex(16)  # decides nothing: it only tells this round's replies
             round_config = {**dict(config), **fields, P.NONCE: self.nonces[node]}
             if self.dp:
@@ -212,6 +216,7 @@ class ContinualStrategy(FedAvg):
         replies = list(replies)
         valid, errors = self._check_and_log_replies(replies, is_train=True, validate=False)
         dropped, candidates, up = [], [], 0
+        fisher_of: dict[str, dict] = {}
         holds: dict[str, str] = {}  # site -> checksum of the weights it reports holding
         for msg in errors:
             node = self.replying_node(msg)
@@ -247,6 +252,11 @@ class ContinualStrategy(FedAvg):
                 if self.lora:  # ffa: the site sent B only; A is the round's frozen one
                     arrays = with_frozen_factors(self.rule, arrays, self.round_start)
                 self.check_reply(arrays)
+                if P.FISHER in msg.content:  # cl-method=ewc: the site's Fisher at the stage's end
+                    fisher_of[site] = check_fisher(
+                        msg.content[P.FISHER].to_torch_state_dict(), self.sync.weights
+                    )
+                    up += state_bytes(fisher_of[site])
                 metrics = msg.content[P.METRICS]
                 n = int(metrics[P.NUM_EXAMPLES])
                 if n <= 0:
@@ -278,6 +288,7 @@ class ContinualStrategy(FedAvg):
                 reject(node, site, f"merge gate: {verdicts[site]['reason']}")
             candidates = [c for c in candidates if verdicts[c[1]]["passed"]]
         used = [c[1] for c in candidates]
+        self.fishers = [(fisher_of[c[1]], c[3]) for c in candidates if c[1] in fisher_of]
         updates = [c[2] for c in candidates]
         examples = [c[3] for c in candidates]
         losses = [float(c[4][P.TRAIN_LOSS]) for c in candidates]
@@ -579,6 +590,18 @@ def load_optimizer_state(strategy, tensors: dict[str, torch.Tensor]) -> None:
     momentum = {k[len(MOMENTUM) + 1 :]: v.numpy() for k, v in tensors.items() if k.startswith(MOMENTUM + "/")}
     if momentum and isinstance(strategy, RoundStartFedAvgM):  # ordered by the next round's start arrays
         strategy.pending_momentum = momentum
+
+
+def check_fisher(fisher: dict[str, torch.Tensor], weights: dict[str, torch.Tensor]) -> dict:
+    """A site's Fisher estimate: weight keys with their shapes, finite and >= 0 (else rejected)."""
+    if not fisher:
+        raise AdapterRejected("an empty Fisher estimate")
+    for key, value in fisher.items():
+        if key not in weights or tuple(value.shape) != tuple(weights[key].shape):
+            raise AdapterRejected(f"Fisher tensor {key!r} {tuple(value.shape)} is not a weight of the model")
+        if not bool(torch.isfinite(value).all()) or bool((value < 0).any()):
+            raise AdapterRejected(f"Fisher tensor {key!r} has negative or non-finite values")
+    return {k: v.to(torch.float32) for k, v in fisher.items()}
 
 
 def last_line(text: str) -> str:

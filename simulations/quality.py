@@ -211,6 +211,14 @@ LATER_KEYS = {
     "drill": "",
     "server-momentum": 0.9,  # issue 15: FedAvgM and FedProx, off by default
     "proximal-mu": 0.0,
+    "cl-method": "none",  # issue 16: continual-learning baselines, off by default
+    "ewc-lambda": 100.0,
+    "ewc-samples": 64,
+    "ewc-decay": 1.0,
+    "lwf-alpha": 1.0,
+    "lwf-temperature": 2.0,
+    "olora-lambda": 0.5,
+    "replay-per-stage": 50,
 }
 # Keys whose default changed spelling, not what it computes: (new spelling, the recipe's old one).
 # server-lr 0 = the server optimiser's default, which was server-lr's default 1e-3 before issue 15.

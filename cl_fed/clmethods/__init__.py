@@ -31,10 +31,9 @@ from cl_fed.config import RunConfig
 from cl_fed.data.utterance import Utterance
 from cl_fed.io import atomic_save_tensors, load_tensors
 from cl_fed.models.base import SpeechModel
+from cl_fed.protocol import FISHER, SUBSPACES  # the records Carried's tensors travel in
 from cl_fed.state import adapter_update
 
-FISHER = "fisher"  # what Carried sends (ewc): {base weight key: running Fisher}
-SUBSPACES = "olora"  # what Carried sends (olora): {module path: orthonormal basis rows}
 NOT_REHEARSAL_FREE = ("replay",)  # methods that keep past data (marked so in reports)
 
 
