@@ -8,6 +8,7 @@ import math
 
 import pytest
 import torch
+from loopback import one_thread_and_task_identity, run_in_process  # noqa: F401  (autouse fixture)
 
 from cl_fed import protocol as P
 from cl_fed.clmethods import Anchors, Carried, ewc, lwf, olora
@@ -16,9 +17,9 @@ from cl_fed.config import make_config
 from cl_fed.data.stream import StageStream
 from cl_fed.data.synth import generate
 from cl_fed.data.utterance import Utterance
+from cl_fed.faults import InjectedCrash
 from cl_fed.io import load_tensors
 from cl_fed.paths import cache_root
-from tests.loopback import one_thread_and_task_identity, run_in_process  # noqa: F401  (fixture)
 
 
 def test_ewc_penalty_and_online_fisher_hand_computed():
@@ -213,6 +214,21 @@ def test_ewc_federation_sends_the_fisher_up_once_a_stage_and_down_in_later_stage
     assert all((P.FISHER in r["arrays"]) == (r["configs"][P.CONFIG][P.STAGE] == 1) for r in sent)
     replies = [r for r in rows if r["direction"] == "out" and P.FISHER in r["arrays"]]
     assert len(replies) == 2 * 2 and all(set(r["arrays"][P.FISHER]) == set(fisher) for r in replies)
+
+    # a server crash after the first stage: the resumed run has the running Fisher back and ends as
+    # the uninterrupted one (the sites' anchors are on their disks)
+    crashed = {"run-name": "ewc-crashed", "output-dir": str(tmp_path / "crashed")}
+    faults = tmp_path / "faults.json"
+    faults.write_text(json.dumps({"stop-after-round": 2}))
+    monkeypatch.setenv("CL_FED_FAULTS_FILE", str(faults))
+    with pytest.raises(InjectedCrash, match="after round 2"):
+        federation(tmp_path, "ewc", **crashed)
+    monkeypatch.delenv("CL_FED_FAULTS_FILE")
+    resumed, resumed_dir = federation(tmp_path, "ewc", **crashed, resume=True)
+    assert [r["loss"] for r in resumed["rounds"]] == [r["loss"] for r in result["rounds"]]
+    assert resumed["wer_matrix"] == result["wer_matrix"] and resumed["bytes_down"] == result["bytes_down"]
+    again, _ = load_tensors(resumed_dir / "checkpoint.safetensors")
+    assert all(torch.equal(again[f"extra/cl/fisher/{k}"], v) for k, v in fisher.items())
 
 
 def test_lwf_olora_and_replay_federations_keep_their_state_at_the_sites(tmp_path, monkeypatch):
