@@ -5,6 +5,7 @@ mode and a joint-training upper bound, on one scenario, over seeds; then paired 
     python -m simulations.quality --scenario new-languages --main  # the main rows on another scenario
     python -m simulations.quality --with-dp                        # also the two DP rows
     python -m simulations.quality --with-variants                  # also the issue-15 variant rows
+    python -m simulations.quality --with-cl-methods                # also the issue-16 CL-baseline rows
     python -m simulations.quality --rows fedavg,joint --seeds 0    # a subset, by configuration name
     python -m simulations.quality --scenario tiny --main --seeds 0,1 --set rounds-per-stage=1  # quick
     python -m simulations.quality --list                           # the configurations and their numbers
@@ -40,6 +41,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+from cl_fed.clmethods import NOT_REHEARSAL_FREE as CL_NOT_REHEARSAL_FREE
 from cl_fed.config import DEFAULTS, NOT_IN_NAME, make_config
 from cl_fed.io import atomic_write_text
 from cl_fed.paths import project_root, runs_root
@@ -96,7 +98,15 @@ VARIANT_ROWS = [
     ("federated", {**STAGE, "proximal-mu": 0.01}),
     ("federated", {"strategy": "fedavg", "proximal-mu": 0.01}),
 ]
-ALL_ROWS = ROWS + DP_ROWS + GATE_ROWS + VARIANT_ROWS
+# issue 16's continual-learning baselines (cl_fed/clmethods): FedAvg with each method that applies to
+# full fine-tuning, centralization with EWC, LwF and O-LoRA; each compared, by seed, with centralization
+# alone (CL_PARTS). Their keys are at their defaults (ewc-lambda 100, lwf-alpha 1 at T 2, olora-lambda
+# 0.5 as in O-LoRA, 50 replayed utterances per stage), set before any run, not tuned on test sets.
+CL_ROWS = [
+    *[("federated", {"strategy": "fedavg", "cl-method": m}) for m in ("ewc", "lwf", "replay")],
+    *[("federated", {**STAGE, "cl-method": m}) for m in ("ewc", "lwf", "olora")],
+]
+ALL_ROWS = ROWS + DP_ROWS + GATE_ROWS + VARIANT_ROWS + CL_ROWS
 # the rows that answer the paper's question, for a second scenario's generalisation check
 MAIN = ("centralization-every-stage-product", "fedavg", "fedavg-lora", "joint")
 
@@ -146,10 +156,17 @@ def row_config(mode: str, overrides: dict, scenario: str) -> str:
 
 
 def select_rows(
-    scenario: str, only=None, names=None, main=False, with_dp=False, with_gates=False, with_variants=False
+    scenario: str,
+    only=None,
+    names=None,
+    main=False,
+    with_dp=False,
+    with_gates=False,
+    with_variants=False,
+    with_cl_methods=False,
 ) -> list[tuple[str, dict]]:
     """The rows to run: by 1-based number in ALL_ROWS (`only`), by configuration name (`names`,
-    or MAIN with `main`), else ROWS (and DP_ROWS, GATE_ROWS, VARIANT_ROWS as asked)."""
+    or MAIN with `main`), else ROWS (and DP_ROWS, GATE_ROWS, VARIANT_ROWS, CL_ROWS as asked)."""
     if only:
         wrong = [i for i in only if not 1 <= i <= len(ALL_ROWS)]
         if wrong:
@@ -163,6 +180,7 @@ def select_rows(
             + (DP_ROWS if with_dp else [])
             + (GATE_ROWS if with_gates else [])
             + (VARIANT_ROWS if with_variants else [])
+            + (CL_ROWS if with_cl_methods else [])
         )
     by_name = {row_config(mode, overrides, scenario): (mode, overrides) for mode, overrides in ALL_ROWS}
     unknown = [n for n in names if n not in by_name]
@@ -327,6 +345,12 @@ LEARNING_RATES = re.compile(r"-(?:full-)?lr\d[0-9.]*(?:e[+-]?\d+)?(?=-|$)")
 
 # the keys of issue 15's variants: a run with them is compared with the same run without them
 VARIANT_PARTS = re.compile(r"-(lora-aggregation|server-optimizer|server-lr|server-momentum|proximal-mu)[^-]+")
+# the keys of issue 16's continual-learning methods: a run with them is compared with centralization
+CL_PARTS = re.compile(
+    r"-(cl-method|ewc-lambda|ewc-samples|ewc-decay|lwf-alpha|lwf-temperature|olora-lambda|replay-per-stage)"
+    r"[^-]+"
+)
+NOT_REHEARSAL_FREE = re.compile(r"-cl-method(?:" + "|".join(CL_NOT_REHEARSAL_FREE) + r")(?=-|$)")
 GATE_PARTS = re.compile(
     r"-(merge-gate|gate-sites|gate-min-gain|gate-max-regression|gate-fallback|validation-share)[^-]+"
 )
@@ -349,6 +373,13 @@ def comparison_pairs(configs: list[str]) -> list[tuple[str, str]]:
             fedavg.setdefault((settings(found["extras"]), found["single"]), config)
     pairs = []
     for config in configs:
+        if CL_PARTS.search(config):  # a method against centralization (every stage) alone
+            plain = CL_PARTS.sub("", config)
+            found = FEDAVG.match(plain)
+            reference = f"centralization-every-stage-product{found['extras']}" if found else plain
+            if reference in configs and not (found and found["single"]):
+                pairs.append((config, reference))
+            continue
         if VARIANT_PARTS.search(config):  # a variant against the same run without it
             plain = VARIANT_PARTS.sub("", config)
             if plain in configs:
@@ -370,6 +401,8 @@ def comparison_pairs(configs: list[str]) -> list[tuple[str, str]]:
 
 def compared(config: str) -> str:
     """Who the verdict of a pair speaks of: the variant, the gate or centralization."""
+    if CL_PARTS.search(config):
+        return CL_PARTS.sub("", config) + " + " + CL_PARTS.search(config).group(0)[len("-cl-method") :]
     variant = VARIANT_PARTS.search(config)
     if variant:
         return variant.group(0)[1:]
@@ -504,7 +537,8 @@ def summary_markdown(summary: list[dict]) -> str:
             if column == "fwt":
                 cells.append(row["fwt_definition"] or "n/a")
         seeds = ",".join(map(str, row["seeds"]))
-        lines.append(f"| {row['config']} | {len(row['seeds'])} | {seeds} | " + " | ".join(cells) + " |")
+        name = row["config"] + (" (not rehearsal-free)" if NOT_REHEARSAL_FREE.search(row["config"]) else "")
+        lines.append(f"| {name} | {len(row['seeds'])} | {seeds} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -792,6 +826,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         action="store_true",
         help="also issue 15's rows: federated-LoRA rules, server optimisers, FedProx",
     )
+    parser.add_argument(
+        "--with-cl-methods",
+        action="store_true",
+        help="also issue 16's rows: EWC, LwF, O-LoRA and replay with fedavg or centralization",
+    )
     parser.add_argument("--list", action="store_true", help="print the configurations and exit")
     parser.add_argument(
         "--plan", action="store_true", help="print which runs are done and which would run, and exit"
@@ -813,13 +852,21 @@ def main(argv: list[str] | None = None) -> int:
             extra = " (--with-dp)" if (mode, overrides) in DP_ROWS else ""
             extra = " (--with-gates)" if (mode, overrides) in GATE_ROWS else extra
             extra = " (--with-variants)" if (mode, overrides) in VARIANT_ROWS else extra
+            extra = " (--with-cl-methods)" if (mode, overrides) in CL_ROWS else extra
             print(f"{number:2d}  {row_config(mode, overrides, args.scenario)}{extra}")
         return 0
     only = [int(i) for i in args.only.split(",")] if args.only else None
     names = [n.strip() for n in args.rows.split(",") if n.strip()] if args.rows else None
     try:
         rows = select_rows(
-            args.scenario, only, names, args.main, args.with_dp, args.with_gates, args.with_variants
+            args.scenario,
+            only,
+            names,
+            args.main,
+            args.with_dp,
+            args.with_gates,
+            args.with_variants,
+            args.with_cl_methods,
         )
     except ValueError as err:
         print(f"error: {err}", file=sys.stderr)

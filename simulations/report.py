@@ -27,6 +27,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from cl_fed.clmethods import NOT_REHEARSAL_FREE
 from cl_fed.config import DEFAULTS, make_config
 from cl_fed.io import atomic_write_bytes, atomic_write_text
 from cl_fed.metrics import FWT_INITIAL, intransigence
@@ -299,8 +300,14 @@ def table_markdown(rows: list[Row]) -> str:
                 cells += [f"{cell} ({len(row.values(key, source))} of {len(row.runs)} seeds)"]
             else:
                 cells += [_cell(*row.stat(key, source), digits=2 if key.startswith("bytes") else 1)]
-        lines.append(f"| {row.label} | {','.join(map(str, row.seeds))} | " + " | ".join(cells) + " |")
+        label = row.label + (" (not rehearsal-free)" if not_rehearsal_free(row) else "")
+        lines.append(f"| {label} | {','.join(map(str, row.seeds))} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def not_rehearsal_free(row: Row) -> bool:
+    """A row whose sites kept past data on purpose (cl-method=replay): marked in every table."""
+    return row.runs[0]["config"].get("cl-method", "none") in NOT_REHEARSAL_FREE
 
 
 def table_csv(rows: list[Row]) -> str:

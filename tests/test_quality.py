@@ -110,6 +110,32 @@ def test_comparison_pairs():
         (variants[5], "fedavg"),
     ]  # fedex's reference (every-3 without it) is not among them: no pair
     assert quality.compared(variants[1]) == "lora-aggregationffa"
+    # issue 16's continual-learning methods against centralization alone, the same extra settings
+    methods = [
+        "centralization-every-stage-product",
+        "centralization-every-stage-product-rounds-per-stage1",
+        "fedavg-cl-methodewc",
+        "centralization-every-stage-product-cl-methodolora",
+        "fedavg-rounds-per-stage1-cl-methodreplay",
+    ]
+    assert quality.comparison_pairs(methods) == [
+        (methods[2], methods[0]),
+        (methods[3], methods[0]),
+        (methods[4], methods[1]),
+    ]
+    assert quality.compared(methods[2]) == "fedavg + ewc"
+    marked = quality.summary_markdown(
+        [
+            {
+                "config": c,
+                "seeds": [0],
+                **{m[0]: (None, None, 0) for m in quality.METRICS},
+                "fwt_definition": None,
+            }
+            for c in methods
+        ]
+    )
+    assert marked.count("(not rehearsal-free)") == 1 and "cl-methodreplay (not rehearsal-free)" in marked
 
 
 def test_set_overrides_are_typed():
@@ -332,7 +358,9 @@ def test_rows_and_their_names():
     assert select_rows("default", only=[11]) == [quality.DP_ROWS[0]]
     variants = select_rows("default", with_variants=True)[len(quality.ROWS) :]
     assert variants == quality.VARIANT_ROWS and len(variants) == 9
-    with pytest.raises(ValueError, match="out of 1..24"):
+    methods = select_rows("default", with_cl_methods=True)[len(quality.ROWS) :]
+    assert methods == quality.CL_ROWS and len(methods) == 6
+    with pytest.raises(ValueError, match="out of 1..30"):
         select_rows("default", only=[0])
     assert select_rows("default", names=["joint", "fedavg"]) == [quality.ROWS[9], quality.ROWS[4]]
     with pytest.raises(ValueError, match="unknown configuration"):
