@@ -335,3 +335,18 @@ def test_fwt_is_never_averaged_across_definitions(tmp_path):
     assert (
         float(csv_rows["local"]["fwt_mean"]) == 3.0 and csv_rows["local"]["fwt_definition"] == "single-task"
     )
+
+
+def test_replay_rows_are_marked_not_rehearsal_free(tmp_path):
+    for name, method in (
+        ("fedavg", "none"),
+        ("fedavg-cl-methodreplay", "replay"),
+        ("fedavg-cl-methodewc", "ewc"),
+    ):
+        data = continual(name, 0, [[30, 80], [50, 20]])
+        data["config"]["cl-method"] = method
+        write(tmp_path, data)
+    write_report(tmp_path)
+    table = (tmp_path / "comparison.md").read_text()
+    assert "| fedavg-cl-methodreplay (not rehearsal-free) | 0 |" in table
+    assert table.count("not rehearsal-free") == 1  # neither plain fedavg nor EWC keeps past data
