@@ -119,7 +119,10 @@ DEFAULTS: dict[str, object] = {
     # stage started from) | olora (adapters orthogonal to the merged updates' subspaces) |
     # replay (each site keeps some of its own past utterances: not rehearsal-free)
     "cl-method": "none",
-    "ewc-lambda": 100.0,  # EWC: the penalty's weight, lambda/2 * sum F (theta - theta*)^2
+    # EWC: the penalty's weight, lambda/2 * sum F (theta - theta*)^2. 5000: an update as large as the
+    # default scenario's stage-1 update, in its directions, then costs about 0.55, half the data loss a
+    # new stage starts at (training data only: python -m benchmarks.ewc_scale <run>)
+    "ewc-lambda": 5000.0,
     "ewc-samples": 64,  # EWC: utterances per site the diagonal Fisher is estimated on, at each stage's end
     "ewc-decay": 1.0,  # EWC: the running Fisher is decay * F + the stage's (online EWC's gamma)
     "lwf-alpha": 1.0,  # LwF: weight of the distillation term
