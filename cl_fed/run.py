@@ -20,15 +20,7 @@ from pathlib import Path
 
 from cl_fed.adapters import adapter_shapes, attach_lora
 from cl_fed.aggregation import SHARED_A_RULES, aggregate, personal, sent_factors
-from cl_fed.clmethods import (
-    Anchors,
-    Carried,
-    needs_anchor,
-    regularizer,
-    round_start,
-    site_fisher,
-    training_data,
-)
+from cl_fed.clmethods import Anchors, Carried, ends_stage_with_fisher, round_loss, site_fisher, training_data
 from cl_fed.config import DEFAULTS, RunConfig, make_config
 from cl_fed.continual import (
     evaluate_weights,
@@ -123,7 +115,6 @@ def run_single_site(cfg: RunConfig, site: str = "all", progress: bool = True) ->
     )
 
     carried, anchors = Carried(), Anchors()  # cl-method: what the server would keep; the site's anchor
-    paths = sorted({key.rsplit(".", 1)[0] for key in shapes})
     replay_dir = run_dir / "replay"
     shutil.rmtree(replay_dir, ignore_errors=True)  # this run's own buffer (the runner does not resume)
 
@@ -134,14 +125,11 @@ def run_single_site(cfg: RunConfig, site: str = "all", progress: bool = True) ->
             raise ValueError(f"stage {stages[step.stage]!r} has no training data for site(s) {sites}")
         data = training_data(cfg, rows, replay_dir, site, step.stage)
         adapter = start_adapter(step, state.adapter, shapes)
-        anchor = None
-        if needs_anchor(cfg):
-            anchor = anchors.of(step.stage, lambda: round_start(state.weights, adapter, scale))
-        extra = regularizer(cfg, trainer, state.weights, anchor, carried.broadcast(cfg), scale)
+        extra = round_loss(cfg, trainer, step, state.weights, adapter, scale, anchors, carried.broadcast(cfg))
         update, result = train_round(
             trainer, data, cfg, step, state.weights, adapter, progress=progress, extra_loss=extra
         )
-        if cfg.cl_method == "ewc" and step.round == cfg.rounds_per_stage - 1:  # the stage's end
+        if ends_stage_with_fisher(cfg, step):
             carried.add_fisher(cfg, [site_fisher(cfg, trainer, rows, step.seed)], [len(rows)])
         record.rounds.append(round_entry(step, stages, result, [site]))
         _say(
@@ -164,7 +152,7 @@ def run_single_site(cfg: RunConfig, site: str = "all", progress: bool = True) ->
     def merged(step, before: dict) -> None:
         on_merge(step, before, state)
         if step.commit and spec is not None:
-            carried.merged(cfg, before, state.base, paths, spec.rank)
+            carried.merged(cfg, before, state.base, shapes, spec.rank)
 
     walk(
         continual_plan(cfg, stages),

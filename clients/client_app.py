@@ -31,7 +31,7 @@ from cl_fed.aggregation import (
     sent_factors,
     with_frozen_factors,
 )
-from cl_fed.clmethods import Anchors, needs_anchor, regularizer, round_start, site_fisher, training_data
+from cl_fed.clmethods import Anchors, ends_stage_with_fisher, round_loss, site_fisher, training_data
 from cl_fed.config import make_config
 from cl_fed.continual import start_adapter, train_round, training_rows
 from cl_fed.evaluate import transcribe
@@ -173,16 +173,13 @@ def train(msg: Message, context: Context) -> Message:
     # FedProx: the mu the server's FedProx put in the message (Flower's contract; absent = off)
     cfg = dataclasses.replace(site.cfg, proximal_mu=float(conf.get(P.PROXIMAL_MU, 0.0)))
     received = {name: _tensors(msg.content[name]) for name in (P.FISHER, P.SUBSPACES) if name in msg.content}
-    anchor = None
-    if needs_anchor(cfg):  # ewc's theta*, lwf's teacher: the model this site started the stage from
-        start = lambda: round_start(site.state.weights, adapter, site.scale)  # noqa: E731
-        anchor = Anchors(site.state_dir / "anchor.safetensors").of(step.stage, start)
-    extra = regularizer(cfg, site.speech, site.state.weights, anchor, received, site.scale)
+    anchors = Anchors(site.state_dir / "anchor.safetensors")  # ewc's theta*, lwf's teacher: kept here
+    extra = round_loss(cfg, site.speech, step, site.state.weights, adapter, site.scale, anchors, received)
     update, result = train_round(
         site.speech, data, cfg, step, site.state.weights, adapter, progress=label, extra_loss=extra
     )
     fisher = None
-    if cfg.cl_method == "ewc" and step.round == cfg.rounds_per_stage - 1:  # the stage's end
+    if ends_stage_with_fisher(cfg, step):
         fisher = site_fisher(cfg, site.speech, rows, step.seed)
     if fault and fault["fault"] == "nan":
         update = {k: torch.full_like(v, float("nan")) for k, v in update.items()}

@@ -22,7 +22,7 @@ from flwr.serverapp import Grid, ServerApp
 from cl_fed import protocol as P
 from cl_fed.adapters import adapter_shapes, attach_lora
 from cl_fed.aggregation import fold, start_arrays
-from cl_fed.clmethods import Carried
+from cl_fed.clmethods import Carried, ends_stage_with_fisher
 from cl_fed.config import RunConfig, make_config
 from cl_fed.continual import (
     evaluate_weights,
@@ -212,7 +212,7 @@ def run_server(grid: Grid, run_config: dict) -> Path:
         timeout = cfg.round_timeout + (120 if step.server_round == 1 else 0)  # first round: workers start
         replies = grid.send_and_receive(messages, timeout=timeout)
         aggregated, metrics = strategy.aggregate_train(step.server_round, replies)
-        if cfg.cl_method == "ewc" and step.round == cfg.rounds_per_stage - 1:  # the stage's Fisher
+        if ends_stage_with_fisher(cfg, step):  # the sites' Fisher estimates join the running one
             carried.add_fisher(cfg, [f for f, _ in strategy.fishers], [n for _, n in strategy.fishers])
         entry = {
             **strategy.round_log,
@@ -240,7 +240,7 @@ def run_server(grid: Grid, run_config: dict) -> Path:
     def merged(step: Merge, before: dict) -> None:
         on_merge(step, before, state)
         if step.commit and strategy.lora:  # olora: the merged update's subspace
-            carried.merged(cfg, before, state.base, sorted({k.rsplit(".", 1)[0] for k in shapes}), spec.rank)
+            carried.merged(cfg, before, state.base, shapes, spec.rank)
         if step.commit:
             print(f"[cl-fed] stage {step.stage + 1} round {step.round + 1}: merged into the base", flush=True)
 

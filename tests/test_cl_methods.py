@@ -87,9 +87,8 @@ def test_carried_state_round_trips_and_keeps_subspaces_of_committed_merges():
     carried = Carried()
     assert carried.broadcast(cfg) == {}  # nothing merged yet: nothing to send
     before = {"l.weight": torch.zeros(2, 3), "other.weight": torch.ones(2)}
-    after = {"l.weight": torch.outer(torch.tensor([1.0, 2.0]), torch.tensor([0.0, 3.0, 4.0])), **before}
-    after["l.weight"] = torch.outer(torch.tensor([1.0, 2.0]), torch.tensor([0.0, 3.0, 4.0]))
-    carried.merged(cfg, before, after, ["l"], rank=4)
+    after = {**before, "l.weight": torch.outer(torch.tensor([1.0, 2.0]), torch.tensor([0.0, 3.0, 4.0]))}
+    carried.merged(cfg, before, after, ["l.lora_A", "l.lora_B"], rank=4)
     assert torch.allclose(carried.bases["l"].abs(), torch.tensor([[0.0, 0.6, 0.8]]))  # rank 1: one row
     again = Carried.from_tensors(carried.to_tensors())
     assert set(again.broadcast(cfg)["subspaces"]) == {"l"}

@@ -57,12 +57,12 @@ class Carried:
         if fishers:
             self.fisher = ewc.accumulate(self.fisher or None, fishers, examples, cfg.ewc_decay)
 
-    def merged(self, cfg: RunConfig, before: dict, after: dict, paths: list[str], rank: int) -> None:
+    def merged(self, cfg: RunConfig, before: dict, after: dict, adapter_keys, rank: int) -> None:
         """A committing merge (olora): each adapted layer's update before -> after adds its top-`rank`
-        input directions to the layer's basis."""
+        input directions to the layer's basis (`adapter_keys`: "<module path>.lora_A" / ".lora_B")."""
         if cfg.cl_method != "olora":
             return
-        for path in paths:
+        for path in sorted({key.rsplit(".", 1)[0] for key in adapter_keys}):
             key = base_key(path)
             delta = after[key].to(torch.float64) - before[key].to(torch.float64)
             rows = olora.subspace(delta, rank)
@@ -103,6 +103,29 @@ class Anchors:
 
 def needs_anchor(cfg: RunConfig) -> bool:
     return cfg.cl_method in ("ewc", "lwf")
+
+
+def ends_stage_with_fisher(cfg: RunConfig, step) -> bool:
+    """ewc: a site estimates its Fisher after the stage's last round (and the server adds it up)."""
+    return cfg.cl_method == "ewc" and step.round == cfg.rounds_per_stage - 1
+
+
+def round_loss(
+    cfg: RunConfig,
+    speech: SpeechModel,
+    step,
+    weights: dict[str, torch.Tensor],
+    adapter: dict[str, torch.Tensor] | None,
+    scale: float,
+    anchors: Anchors,
+    received: dict[str, dict[str, torch.Tensor]],
+) -> Callable[[dict, object], torch.Tensor] | None:
+    """The extra loss of a Train step (`regularizer`), with the stage's anchor taken from `anchors`
+    (the model this round starts from, on the stage's first round here)."""
+    anchor = None
+    if needs_anchor(cfg):
+        anchor = anchors.of(step.stage, lambda: round_start(weights, adapter, scale))
+    return regularizer(cfg, speech, weights, anchor, received, scale)
 
 
 def round_start(weights: dict, adapter: dict | None, scale: float) -> dict[str, torch.Tensor]:
