@@ -34,6 +34,11 @@ def flower_env(extra: dict | None = None) -> dict:
     env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
     env.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
     env.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
+    # Ray's "Tip" FutureWarning at every simulation start (RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO): its
+    # remedy would let CPU-only ClientApps see every GPU, so the tip is silenced, not followed
+    quiet = "ignore::FutureWarning:ray._private.worker"
+    if quiet not in env.get("PYTHONWARNINGS", ""):
+        env["PYTHONWARNINGS"] = ",".join(filter(None, [env.get("PYTHONWARNINGS", ""), quiet]))
     env.update(extra or {})
     return env
 
