@@ -646,6 +646,11 @@ def check_cl_method(cfg: RunConfig, source: str) -> None:
             f"{source}: cl-method='ewc' with dp-noise: the sites' Fisher estimates would leave them "
             "outside the accountant's view; use one of them"
         )
+    if method == "olora" and cfg.lora_aggregation == "ffa" and cfg.merge == "product":
+        raise ValueError(
+            f"{source}: cl-method='olora' with lora-aggregation='ffa': ffa freezes every A at its random "
+            "init, and O-LoRA's penalty acts on A, so it would do nothing; use another rule"
+        )
     if method == "olora" and (cfg.strategy != "centralization" or cfg.site_models):
         why = (
             "it trains no adapter"

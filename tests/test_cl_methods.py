@@ -135,6 +135,7 @@ def test_anchors_keep_the_stage_start_until_the_next_stage(tmp_path):
         ({"cl-method": "olora", "strategy": "fedavg"}, "it trains no adapter"),
         ({"cl-method": "olora", "strategy": "fedavg-lora"}, "never merged"),
         ({"cl-method": "olora", "lora-aggregation": "fedsa"}, "lora-aggregation='fedsa'"),
+        ({"cl-method": "olora", "lora-aggregation": "ffa"}, "would do nothing"),
         ({"cl-method": "ewc", "strategy": "local"}, "models of their own"),
         ({"cl-method": "ewc", "dp-noise": 1.0, "merge": "factors", "weighting": "uniform"}, "accountant"),
         ({"cl-method": "bogus"}, "choose one of none, ewc, lwf, olora, replay"),
