@@ -380,6 +380,8 @@ def comparison_pairs(configs: list[str]) -> list[tuple[str, str]]:
             reference = f"centralization-every-stage-product{found['extras']}" if found else plain
             if reference in configs and not (found and found["single"]):
                 pairs.append((config, reference))
+            if found and plain in configs:  # and a method on FedAvg against FedAvg: what it adds
+                pairs.append((config, plain))
             continue
         if VARIANT_PARTS.search(config):  # a variant against the same run without it
             plain = VARIANT_PARTS.sub("", config)

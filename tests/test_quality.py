@@ -110,19 +110,23 @@ def test_comparison_pairs():
         (variants[5], "fedavg"),
     ]  # fedex's reference (every-3 without it) is not among them: no pair
     assert quality.compared(variants[1]) == "lora-aggregationffa"
-    # issue 16's continual-learning methods against centralization alone, the same extra settings
+    # issue 16's continual-learning methods against centralization alone, the same extra settings,
+    # and a method on FedAvg also against FedAvg alone where that row is there
     methods = [
         "centralization-every-stage-product",
         "centralization-every-stage-product-rounds-per-stage1",
         "fedavg-cl-methodewc",
         "centralization-every-stage-product-cl-methodolora",
         "fedavg-rounds-per-stage1-cl-methodreplay",
+        "fedavg",
     ]
     assert quality.comparison_pairs(methods) == [
+        (methods[0], "fedavg"),
         (methods[2], methods[0]),
+        (methods[2], "fedavg"),
         (methods[3], methods[0]),
         (methods[4], methods[1]),
-    ]
+    ]  # no fedavg-rounds-per-stage1 row: replay's run has no FedAvg pair
     assert quality.compared(methods[2]) == "fedavg + ewc"
     marked = quality.summary_markdown(
         [
