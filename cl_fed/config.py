@@ -12,6 +12,7 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 from cl_fed.devices import DEVICE_PATTERN, PRECISIONS
+from cl_fed.paths import runs_root
 from cl_fed.schedule import Schedule, check_strategy, parse_schedule
 
 MERGE_MODES = ("product", "factors")
@@ -281,6 +282,11 @@ class RunConfig:
 
     def schedule(self, num_stages: int) -> Schedule:
         return parse_schedule(self.centralize_every, num_stages)
+
+    def run_dir(self, run_name: str = "") -> Path:
+        """Where the run named `run_name` (default: this config's) writes: under `output-dir`, or
+        the project's runs/ folder. The server and its sites both derive it from the run config."""
+        return Path(self.output_dir or runs_root()) / (run_name or self.default_run_name())
 
     def default_run_name(self) -> str:
         """`<scenario>-<strategy>[-every-<K>-<merge>][-<key><value>...]-seed<N>`: every knob that changes

@@ -39,7 +39,6 @@ from cl_fed.continual import (
 from cl_fed.history import MergeHistory
 from cl_fed.loop import walk
 from cl_fed.models.base import SpeechModel
-from cl_fed.paths import runs_root
 from cl_fed.plan import Evaluate, Train, continual_plan, round_seed, rule_for
 from cl_fed.results import RunRecord, wer_line
 from cl_fed.state import ContinualState
@@ -87,7 +86,7 @@ def run_single_site(cfg: RunConfig, site: str = "all", progress: bool = True) ->
     shapes = adapter_shapes(trainer.model) if spec is not None else {}
     sets = test_sets(stream)
     run_name = cfg.default_run_name() if cfg.run_name else f"{cfg.default_run_name()}-single-{site}"
-    run_dir = Path(cfg.output_dir or runs_root()) / run_name
+    run_dir = cfg.run_dir(run_name)
     record = RunRecord(
         run_name=run_name,
         strategy=cfg.strategy,
@@ -230,7 +229,7 @@ def run_joint(cfg: RunConfig, progress: bool = True) -> Path:
     # full fine-tuning: no schedule, no LoRA knobs; no FedProx (the bound is centralized training)
     cfg = replace(cfg, strategy="fedavg", proximal_mu=0.0, cl_method="none").effective()
     run_name = joint_run_name(cfg)
-    run_dir = Path(cfg.output_dir or runs_root()) / run_name
+    run_dir = cfg.run_dir(run_name)
     record = RunRecord(
         run_name=run_name,
         strategy="joint",

@@ -97,7 +97,7 @@ def sync_weights(site: Site, msg: Message) -> None:
 
 def _site(context: Context) -> Site:
     cfg = make_config(dict(context.run_config), source="run config")
-    return load_site(cfg, dict(context.node_config), cfg.default_run_name(), context.run_id)
+    return load_site(cfg, dict(context.node_config), cfg.run_dir(), context.run_id)
 
 
 def _own_state(site: Site) -> bool:

@@ -12,6 +12,7 @@ evaluates on the test sets of the run config's scenario (server evaluation).
 
 from __future__ import annotations
 
+import hashlib
 import shutil
 import uuid
 from dataclasses import dataclass, replace
@@ -141,11 +142,21 @@ def site_name(node_config: dict, stream: StageStream) -> str:
     return stream.sites[index]
 
 
-def load_site(cfg: RunConfig, node_config: dict, run_key: str, run_id: int) -> Site:
+def state_dir(run_dir: Path | str, site: str) -> Path:
+    """Where a site keeps its state for the run that writes to `run_dir`: one folder per run
+    directory, so that two runs of one config side by side (in other output directories: a sweep
+    beside a benchmark, parallel test workers) never share or wipe each other's state, while a
+    resumed run finds its own again."""
+    run = Path(run_dir)
+    tag = hashlib.sha256(str(run).encode()).hexdigest()[:8]
+    return cache_root() / "sites" / f"{run.name}-{tag}" / site
+
+
+def load_site(cfg: RunConfig, node_config: dict, run_dir: Path | str, run_id: int) -> Site:
     """The site for this node: its data and model (built once per worker), with the state it last
-    persisted. What a site keeps on disk belongs to one run: a new run under the same name starts
-    clean, unless it resumes (`resume=true`)."""
-    key = (run_key, run_id, tuple(sorted((k, str(v)) for k, v in node_config.items())))
+    persisted. What a site keeps on disk belongs to one run: a new run into the same directory
+    starts clean, unless it resumes (`resume=true`)."""
+    key = (str(run_dir), run_id, tuple(sorted((k, str(v)) for k, v in node_config.items())))
     if key in _CACHE:
         site = _CACHE[key]
         site.reload_if_changed()
@@ -163,13 +174,13 @@ def load_site(cfg: RunConfig, node_config: dict, run_key: str, run_id: int) -> S
     if cfg.strategy in LORA_STRATEGIES:
         speech.model = attach_lora(speech.model, lora_spec(cfg, speech), seed=cfg.seed)
     on_device(cfg, speech, training=True)  # the GPU Ray assigned to this ClientApp, if any
-    state_dir = cache_root() / "sites" / run_key / name
-    owner = state_dir / "run-id"
+    kept = state_dir(run_dir, name)
+    owner = kept / "run-id"
     if not cfg.resume and owner.is_file() and owner.read_text().strip() != str(run_id):
-        shutil.rmtree(state_dir, ignore_errors=True)
-    state_dir.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(kept, ignore_errors=True)
+    kept.mkdir(parents=True, exist_ok=True)
     atomic_write_text(owner, str(run_id))
-    site = Site(name, cfg, stream, speech, state_dir=state_dir)
+    site = Site(name, cfg, stream, speech, state_dir=kept)
     site.reload_if_changed()
     _CACHE.clear()  # one site per worker at a time: bounded memory
     _CACHE[key] = site

@@ -40,7 +40,6 @@ from cl_fed.faults import InjectedCrash, stop_after_round
 from cl_fed.gate import gate_sites, validation_name
 from cl_fed.history import MergeHistory
 from cl_fed.loop import walk
-from cl_fed.paths import runs_root
 from cl_fed.plan import Evaluate, Merge, Train, continual_plan, rule_for
 from cl_fed.privacy import new_secret, privacy_report
 from cl_fed.results import Evaluation, RunRecord, wer_line
@@ -88,7 +87,7 @@ def run_server(grid: Grid, run_config: dict) -> Path:
     schedule = cfg.schedule(len(stages))
     wait_for_sites(grid, len(stream.sites))
     run_name = cfg.default_run_name()
-    run_dir = Path(cfg.output_dir or runs_root()) / run_name
+    run_dir = cfg.run_dir(run_name)
     speech = starting_model(cfg, scenario)  # the server evaluates a plain model
     sets = test_sets(stream) if cfg.evaluation == "server" else {s: [] for s in stages}
     federated = cfg.evaluation == "federated" or cfg.site_models  # site models are scored at the sites

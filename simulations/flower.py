@@ -19,7 +19,7 @@ from pathlib import Path
 
 from cl_fed.config import make_config
 from cl_fed.data.scenario import load_scenario
-from cl_fed.paths import project_root, runs_root
+from cl_fed.paths import project_root
 
 BIN = Path(sys.executable).parent
 
@@ -114,7 +114,7 @@ def flwr_run(
     if overrides:
         command += ["--run-config", run_config_arg(overrides)]
     env = flower_env(env)
-    run_dir = Path(cfg.output_dir or runs_root()) / cfg.default_run_name()
+    run_dir = cfg.run_dir()
     before = file_stamp(run_dir / "results.json")  # a resumed or repeated run may find an old one
     proc = subprocess.Popen(
         command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=app_dir

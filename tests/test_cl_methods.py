@@ -19,7 +19,7 @@ from cl_fed.data.synth import generate
 from cl_fed.data.utterance import Utterance
 from cl_fed.faults import InjectedCrash
 from cl_fed.io import load_tensors
-from cl_fed.paths import cache_root
+from clients.site import state_dir
 
 
 def test_ewc_penalty_and_online_fisher_hand_computed():
@@ -240,7 +240,7 @@ def test_lwf_olora_and_replay_federations_keep_their_state_at_the_sites(tmp_path
     assert all((P.SUBSPACES in r["arrays"]) == (r["configs"][P.CONFIG][P.STAGE] == 1) for r in sent)
     replay, replay_dir = federation(tmp_path, "replay", monkeypatch, **{"replay-per-stage": 3})
     for site in ("factory-a", "factory-b"):
-        kept = cache_root() / "sites" / replay["run_name"] / site / "replay" / "buffer.json"
+        kept = state_dir(replay_dir, site) / "replay" / "buffer.json"
         stages = json.loads(kept.read_text())
         assert sorted(stages) == ["0", "1"] and all(len(rows) == 3 for rows in stages.values())
     audited(replay_dir)  # the buffer never leaves the site
@@ -250,5 +250,5 @@ def test_lwf_olora_and_replay_federations_keep_their_state_at_the_sites(tmp_path
     lwf_run, lwf_dir = federation(tmp_path, "lwf", monkeypatch)
     assert lwf_run["complete"]
     audited(lwf_dir)
-    anchor = cache_root() / "sites" / lwf_run["run_name"] / "factory-a" / "anchor.safetensors"
+    anchor = state_dir(lwf_dir, "factory-a") / "anchor.safetensors"
     assert load_tensors(anchor)[1]["stage"] == 1

@@ -34,7 +34,7 @@ from cl_fed.privacy import new_secret
 from cl_fed.results import Evaluation, RunRecord
 from cl_fed.state import ContinualState
 from clients import client_app
-from clients.site import STATE_FILE, Site, StaleBase
+from clients.site import STATE_FILE, Site, StaleBase, load_site, state_dir
 from server.checkpoint import CHECKPOINT, load_checkpoint, save_checkpoint
 from server.server_app import federated_evaluation
 from server.strategies import ContinualStrategy, FedAvgFull, WeightsSync, build_strategy
@@ -592,6 +592,20 @@ def site_context(tmp_path, partition: int, node_id: int, **overrides) -> Context
 @pytest.fixture(scope="module")
 def stream():
     return prepare_data(make_config({"scenario": "tiny"}), progress=False)[1]
+
+
+def test_two_runs_of_one_config_side_by_side_keep_their_sites_state_apart(tiny, stream, tmp_path):
+    # the same config written to two output directories (parallel test workers, a sweep beside a
+    # benchmark): a site of one run must neither read nor wipe the other's state
+    cfg, node = make_config({"scenario": "tiny"}), {"partition-id": 0, "num-partitions": 2}
+    first, second = tmp_path / "a" / "same-run", tmp_path / "b" / "same-run"
+    assert state_dir(first, "factory-a") != state_dir(second, "factory-a")
+    site = load_site(cfg, node, first, run_id=1)
+    site.set_state(ContinualState.start(tiny["base"]))
+    other = load_site(cfg, node, second, run_id=2)  # another run id: a fresh run of its own
+    assert other.state is None and other.state_dir != site.state_dir
+    again = load_site(cfg, node, first, run_id=1)  # the worker's cache now holds the other run's site
+    assert again is not site and again.checksum == site.checksum == state_checksum(tiny["base"])
 
 
 def test_client_train_sync_stale_weights_and_evaluate(tiny, stream, tmp_path):

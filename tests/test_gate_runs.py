@@ -18,8 +18,8 @@ from cl_fed.continual import prepare_data, starting_model, state_checksum
 from cl_fed.history import MergeHistory
 from cl_fed.io import read_tensors_meta
 from cl_fed.models.registry import load_model
-from cl_fed.paths import cache_root
 from cl_fed.run import run_single_site
+from clients.site import state_dir
 from simulations import history as history_cli
 
 pytestmark = pytest.mark.slow  # about 4 min of runs on 2 cores (make test runs them; test-fast does not)
@@ -138,7 +138,7 @@ def test_a_resumed_run_rolls_back_and_the_sites_get_only_the_undo(tmp_path):
     sent = message.content[P.WEIGHTS].to_torch_state_dict()
     assert 0 < len(sent) < len(load_model(run_dir / "model").model.state_dict())
     for site in ("factory-a", "factory-b"):  # every site holds the rolled-back base, bit for bit
-        meta = read_tensors_meta(cache_root() / "sites" / "rollback-drill" / site / "state.safetensors")
+        meta = read_tensors_meta(state_dir(run_dir, site) / "state.safetensors")
         assert meta["checksum"] == steps[0]["checksum_after"]
 
 

@@ -17,10 +17,10 @@ from cl_fed.adapters import fresh_factors
 from cl_fed.aggregation import aggregate, personal, sent_factors, with_frozen_factors
 from cl_fed.config import make_config
 from cl_fed.io import load_tensors
-from cl_fed.paths import cache_root
 from cl_fed.plan import Aggregate, Merge, Train, adapter_seed, continual_plan
 from cl_fed.run import run_single_site
 from cl_fed.state import ContinualState
+from clients.site import state_dir
 from server.strategies import FedSA, build_strategy, load_optimizer_state, optimizer_state
 
 A = torch.tensor([[1.0, 2.0]])  # rank 1, in 2
@@ -235,7 +235,7 @@ def test_fedex_and_exact_federations_differ_when_the_pool_averages(tmp_path):
 
 def test_fedsa_federation_shares_a_keeps_b_and_reports_every_site(tmp_path):
     exact, _ = tiny(tmp_path, "exact", **{"centralize-every": "round"})
-    fedsa, _ = tiny(tmp_path, "fedsa", **{"centralize-every": "round"})
+    fedsa, fedsa_dir = tiny(tmp_path, "fedsa", **{"centralize-every": "round"})
     assert fedsa["complete"] and all(len(r["clients_used"]) == 2 for r in fedsa["rounds"])
     # up: A only (the tiny model's A and B hold equally many numbers): half of exact's, every round
     assert [r["bytes_up"] for r in fedsa["rounds"]] == [r["bytes_up"] // 2 for r in exact["rounds"]]
@@ -253,7 +253,7 @@ def test_fedsa_federation_shares_a_keeps_b_and_reports_every_site(tmp_path):
     # each site merged its own B into a base of its own: two different models, neither the start
     bases = []
     for site in ("factory-a", "factory-b"):
-        tensors, meta = load_tensors(cache_root() / "sites" / fedsa["run_name"] / site / "state.safetensors")
+        tensors, meta = load_tensors(state_dir(fedsa_dir, site) / "state.safetensors")
         assert not meta["pending"]  # the last round's merge was completed at the last evaluation
         bases.append({k[len("base/") :]: v for k, v in tensors.items() if k.startswith("base/")})
     changed = [k for k in bases[0] if not torch.equal(bases[0][k], bases[1][k])]
