@@ -49,6 +49,10 @@ TRAIN; EVALUATED (ArrayRecord): the tensors in which the evaluated model differs
 evaluates that instead; a fedsa message carries the ADAPTER as in TRAIN.
 EVALUATE reply: METRICS with "<test set>:" + WORD_ERRORS / WORDS / CHAR_ERRORS / CHARS, NUM_EXAMPLES;
 SITE with SITE_NAME (the per-site WER in results.json "sites").
+
+A TRAIN reply that is an error whose reason contains STALE_BASE (the site lacks the weights the
+message assumes: its state was lost, or the run resumed from a copied or moved directory) gets the
+same message again within the round, with SYNC_FULL.
 """
 
 # records
@@ -90,6 +94,9 @@ WORD_ERRORS, WORDS, CHAR_ERRORS, CHARS = "word-errors", "words", "char-errors", 
 
 # site record
 SITE_NAME = "site"
+
+# errors
+STALE_BASE = "lacks the weights the message assumes"  # in clients.site.StaleBase's message
 
 
 def train_config(step) -> dict:

@@ -90,8 +90,8 @@ def sync_weights(site: Site, msg: Message) -> None:
         site.set_state(ContinualState.start(updates.replay(site.state.weights, steps)))
     if site.checksum != target:
         raise StaleBase(
-            f"site {site.name}: holds weights {site.checksum[:12] or '(none)'}, message assumes "
-            f"{target[:12]}; the server will send the full weights"
+            f"site {site.name} {P.STALE_BASE} ({target[:12]}; it holds "
+            f"{site.checksum[:12] or 'none'}): the server sends them in full"
         )
 
 

@@ -35,7 +35,10 @@ STATE_FILE = "state.safetensors"
 
 
 class StaleBase(RuntimeError):
-    """The site's weights are not the ones the server's message assumes."""
+    """The site's weights are not the ones the server's message assumes. Its message says so in
+    the words of cl_fed.protocol.STALE_BASE, by which the server tells this error from others (the
+    error's class name does not reach it from a simulation's Ray workers) and sends the site every
+    weight, in the same round."""
 
 
 @dataclass

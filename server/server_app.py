@@ -209,7 +209,11 @@ def run_server(grid: Grid, run_config: dict) -> Path:
             step.server_round, arrays, ConfigRecord(P.train_config(step)), grid
         )
         timeout = cfg.round_timeout + (120 if step.server_round == 1 else 0)  # first round: workers start
-        replies = grid.send_and_receive(messages, timeout=timeout)
+        replies = list(grid.send_and_receive(messages, timeout=timeout))
+        again = strategy.resend_to_stale(replies)
+        if again:  # each retried node's reply takes its error's place: the same order as without
+            answers = {strategy.replying_node(r): r for r in grid.send_and_receive(again, timeout=timeout)}
+            replies = [answers.get(strategy.replying_node(r), r) for r in replies]
         aggregated, metrics = strategy.aggregate_train(step.server_round, replies)
         if ends_stage_with_fisher(cfg, step):  # the sites' Fisher estimates join the running one
             carried.add_fisher(cfg, [f for f, _ in strategy.fishers], [n for _, n in strategy.fishers])

@@ -174,6 +174,28 @@ class ContinualStrategy(FedAvg):
         self.sent = messages
         return messages
 
+    def resend_to_stale(self, replies: list[Message]) -> list[Message]:
+        """This round's messages again, with every weight, for the nodes that answered StaleBase
+        (they lack the weights the round assumed: a site's lost state, a run resumed from a copied
+        directory), so that the round is not lost to it. The rest of each message is kept as sent
+        (adapter, cl-method records, FedProx's mu, the nonce); the extra bytes count as sent down."""
+        stale = {
+            self.replying_node(r) for r in replies if r.has_error() and P.STALE_BASE in str(r.error.reason)
+        }
+        again = []
+        for sent in [m for m in self.sent if m.metadata.dst_node_id in stale]:
+            node = sent.metadata.dst_node_id
+            self.sync.nodes.pop(node, None)  # sent to before and unknown now: everything
+            fields, records = self.sync.records(node)
+            config = ConfigRecord({**dict(sent.content[P.CONFIG]), **fields})
+            content = RecordDict({**dict(sent.content), **records, P.CONFIG: config})
+            down = sum(state_bytes(r.to_torch_state_dict()) for r in records.values())
+            self.round_log["bytes_down"] += down
+            again.append(Message(content=content, message_type=MessageType.TRAIN, dst_node_id=node))
+            log.info("node %s lacks the round's weights: sent again with every weight", node)
+        self.sent = self.sent + again
+        return again
+
     def replying_node(self, reply: Message) -> int:
         """The node a reply is about: its sender, except for the error the SuperLink itself returns
         for a node that stopped sending heartbeats (a dead SuperNode), which names the message it answers."""

@@ -451,6 +451,37 @@ def test_bad_replies_are_dropped_with_a_reason_and_the_rest_aggregated(tiny, mer
     assert log["bytes_up"] == sum(state_bytes(a) for a in received)
 
 
+def test_a_node_that_answers_stale_base_gets_its_message_again_with_every_weight(tiny):
+    strategy = make_strategy(tiny, **{"proximal-mu": 0.01})
+    grid, nodes = in_memory_grid(4)
+    for node in nodes:  # every node is known to hold the base: the messages carry no weights
+        strategy.sync.nodes[node] = strategy.sync.checksum
+    messages = send(strategy, grid, train_steps(strategy.cfg)[1], fresh_factors(tiny["reference"], 3))
+    assert all(P.WEIGHTS not in m.content for m in messages)
+    down, lost = strategy.round_log["bytes_down"], f"site x {P.STALE_BASE} (0123; it holds none)"
+    replies = [
+        # the reason as a simulation's Ray worker words it (no class name), then as a SuperNode does
+        error_reply(messages[0], f"<class 'ClientAppException'>:<'\nException occurred. Message: {lost}'>"),
+        error_reply(messages[1], f"<class 'clients.site.StaleBase'>:<'{lost}'>"),
+        error_reply(messages[2], "Traceback (most recent call last):\nInjectedCrash: injected fault"),
+        reply(messages[3], {}, 8, "site-3", strategy.sync.checksum),
+    ]
+    again = strategy.resend_to_stale(replies)
+    assert [m.metadata.dst_node_id for m in again] == [m.metadata.dst_node_id for m in messages[:2]]
+    for first, second in zip(messages, again):
+        config, before = second.content[P.CONFIG], first.content[P.CONFIG]
+        assert config[P.SYNC] == P.SYNC_FULL and config[P.WEIGHTS_CHECKSUM] == strategy.sync.checksum
+        assert sorted(second.content[P.WEIGHTS].keys()) == sorted(tiny["base"])
+        # the rest as first sent: the adapter to continue from, FedProx's mu, the nonce
+        assert {k: v for k, v in config.items() if k not in (P.SYNC, P.SYNC_FROM)} == {
+            k: v for k, v in before.items() if k not in (P.SYNC, P.SYNC_FROM)
+        }
+        assert config[P.PROXIMAL_MU] == 0.01
+        assert second.content[P.ADAPTER].keys() == first.content[P.ADAPTER].keys()
+    assert strategy.round_log["bytes_down"] == down + 2 * state_bytes(tiny["base"])
+    assert strategy.resend_to_stale([reply(messages[3], {}, 8, "site-3", strategy.sync.checksum)]) == []
+
+
 def test_no_usable_update_aggregates_to_none(tiny):
     strategy = make_strategy(tiny)
     grid, _ = in_memory_grid(3)
@@ -674,7 +705,7 @@ def test_client_train_sync_stale_weights_and_evaluate(tiny, stream, tmp_path):
     stale = Message(
         RecordDict({P.CONFIG: ConfigRecord(conf)}), dst_node_id=nodes[0], message_type=MessageType.TRAIN
     )
-    with pytest.raises(StaleBase, match=SITES[0]):
+    with pytest.raises(StaleBase, match=f"{SITES[0]} {P.STALE_BASE}"):  # how the server tells it
         client_app.train(stale, contexts[nodes[0]])
 
     # federated evaluation (server/server_app.py builds the messages) of the weights + a pending adapter:
