@@ -18,7 +18,7 @@ demo: $(STAMP)
 	$(PY) -m simulations.demo
 
 test: $(STAMP)  # everything, what CI runs: unit, in-process and real Flower processes
-	$(PY) -m pytest -q -n 2 --dist loadfile --durations=15  # 2 workers: Flower tests wait on processes a lot
+	$(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder --durations=15  # 2 workers; longest files first (tests/conftest.py)
 
 test-fast: $(STAMP)  # unit and in-process tests, no real Flower processes (marker `slow` deselected)
 	$(PY) -m pytest -q -m "not slow"
