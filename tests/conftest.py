@@ -13,9 +13,8 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 # The files that wait longest on real Flower processes, longest first: `make test`'s workers
 # (pytest-xdist, --dist loadfile --no-loadscope-reorder) take files in collection order, so these
-# start at once and the short files fill in around them (the whole run is then about as long as its
-# longest file). Without --no-loadscope-reorder xdist sorts files by their number of tests, which
-# put these few-test files last and left one worker idle for minutes.
+# start at once and the short files fill in around them. Without --no-loadscope-reorder, xdist
+# (>= 3.7) sorts files by their number of tests instead and this order is ignored.
 SLOW_FIRST = (
     "test_deployment.py",
     "test_deployment_faults.py",
